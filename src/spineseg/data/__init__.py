@@ -1,0 +1,1 @@
+"""Phantom, data sets, splits, augmentation."""
