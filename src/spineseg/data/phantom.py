@@ -173,7 +173,7 @@ def _level_params(seed: int, patient: int, level: int, pp: dict) -> dict:
         "concav": float(r.uniform(0.08, 0.22)),
         "canal_s": shape_s,
         "canal_aspect": float(r.uniform(0.5, 0.75)),  # AP / transverse
-        "canal_area": float(r.uniform(170, 280)),
+        "canal_area": float(r.uniform(170, 265)),
         "lamina_t": float(np.clip(pp["lamina_t"] + r.normal(0, 0.3), 5.0, 8.0)),
         "lamina_l": float(r.uniform(21, 29)),
         "lamina_phi": float(np.deg2rad(r.uniform(24, 38))),
@@ -337,10 +337,11 @@ def _slice_anatomy(seed, patient, k, size, spacing):
                    a_b * 0.4, b_bd * 0.3, r.uniform(0, np.pi)) & marrow] = MODIC
     L[body] = 1
     if pos == "disc":
-        frac = r.uniform(0.45, 0.75)
-        disc = _ellipse(u, v, 0, body_cy + 1.0, a_b * frac, b_bd * frac)
+        frac = r.uniform(0.45, 0.7)
+        dcy = body_cy - 0.1 * b_bd
+        disc = _ellipse(u, v, 0, dcy, a_b * frac, b_bd * frac)
         T[disc] = ANNULUS
-        T[_ellipse(u, v, 0, body_cy + 1.0, a_b * frac * 0.7, b_bd * frac * 0.6)] = NUCLEUS
+        T[_ellipse(u, v, 0, dcy, a_b * frac * 0.7, b_bd * frac * 0.6)] = NUCLEUS
         L[disc] = 0
 
     # posterior arch: pedicles / foramina, laminae (label 3), facets, spinous and transverse processes
@@ -365,8 +366,11 @@ def _slice_anatomy(seed, patient, k, size, spacing):
             T[fo] = FAT
             T[_ellipse(u, v, side * (ped_u + 2), (ped_v0 + ped_v1) / 2, 2.6, 2.2)] = NERVE
 
-    lam_l, phi = lp["lamina_l"], lp["lamina_phi"]
-    p2 = (0.0, b_c + lam_t / 2 + 0.3)
+    lam_l, phi = lp["lamina_l"], lp["lamina_phi"] * (0.65 + 0.35 * lp["canal_s"])
+    # the laminae's inner edge must clear the canal: v + |u| tan(phi) < p2_v - T / (2 cos phi) on the canal
+    tt = np.linspace(0, 1, 101)
+    clear = np.max(-b_c + 2 * b_c * tt + a_c * _canal_profile(tt, lp["canal_s"]) * np.tan(phi))
+    p2 = (0.0, float(max(b_c, clear + 0.3) + lam_t / (2 * np.cos(phi))))
     lam = np.zeros((H, W), bool)
     lam_in = np.zeros((H, W), bool)
     ends = []
@@ -424,6 +428,14 @@ def _slice_anatomy(seed, patient, k, size, spacing):
         T[dot] = NERVE
     L[cm["canal"]] = 0
     L[cm["label"]] = 2
+    # the bony ring of a disc-level slice must stay one piece: detached fragments become annulus
+    if pos == "disc":
+        comp, n = ndi.label(L == 1)
+        if n > 1:
+            keep = 1 + int(np.argmax(ndi.sum(L == 1, comp, index=np.arange(1, n + 1))))
+            frag = (comp > 0) & (comp != keep)
+            T[frag] = ANNULUS
+            L[frag] = 0
 
     meta = {
         "level": LEVELS[level], "position": pos, "stenosis": bool(lp["stenosis"]),
@@ -486,10 +498,10 @@ def _render(T, rng, sc, pp, contrast, spacing):
             ky = np.abs(np.arange(H) - H / 2) <= keep * H / 2
             kx = np.abs(np.arange(W) - W / 2) <= keep * W / 2
             k *= ky[:, None] & kx[None, :]
-        if sc["ghost"]:
-            phase = rng.uniform(0.02, 0.06) * np.sin(2 * np.pi * rng.integers(3, 9) * np.arange(H) / H)
-            k *= np.exp(1j * phase * np.arange(H)[:, None] / 2)
         img = np.abs(np.fft.ifft2(np.fft.ifftshift(k)))
+        if sc["ghost"]:  # periodic motion: faint copies shifted along the phase-encode (AP) direction
+            shift = int(H * rng.uniform(0.12, 0.3))
+            img = img + rng.uniform(0.03, 0.08) * 0.5 * (np.roll(img, shift, 0) + np.roll(img, -shift, 0))
     # Rician noise
     fg = img[T != AIR]
     sigma = (float(fg.mean()) if fg.size else 1.0) / sc["snr"]

@@ -1,0 +1,135 @@
+"""The ``spineseg`` command line. Bad input prints one line and exits 2 (``--debug`` shows the traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import SpinesegError
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+def cmd_phantom(a) -> int:
+    from .data.phantom_dataset import write_phantom_dataset
+
+    out = write_phantom_dataset(a.out, a.patients, a.slices_per_patient, size=a.size, spacing=a.spacing,
+                                seed=a.seed, contrast=a.contrast, preview=a.preview, overwrite=a.overwrite,
+                                progress=not a.quiet)
+    print(f"wrote {a.patients * a.slices_per_patient} slices of {a.patients} virtual patients to {out}")
+    if a.preview:
+        print(f"preview: {a.preview}")
+    return 0
+
+
+def cmd_split(a) -> int:
+    from .data.splits import make_splits, write_splits
+    from .io.layouts import load_dataset
+
+    cases = load_dataset(a.data)
+    cases = [c for c in cases if c.subset == "train"]
+    splits = make_splits(cases, a.scheme)
+    out = Path(a.out) if a.out else Path(a.data) / "splits.json"
+    write_splits(out, splits)
+    n_pat = len({c.patient for c in cases})
+    print(f"{a.scheme}: {len(splits)} splits over {n_pat} patients ({len(cases)} cases) -> {out}")
+    for i, s in enumerate(splits):
+        print(f"  split {i}: train {len(s['train'])}, val {len(s['val'])}, test {len(s.get('test', []))} cases")
+    return 0
+
+
+def cmd_preprocess(a) -> int:
+    from .data.dataset import prepare_slices
+    from .io.layouts import load_dataset
+    from .io.preview import preview_grid
+    from .preprocess.pipeline import PreprocessCache, PreprocessConfig
+
+    cfg = PreprocessConfig(target_size=a.size, target_spacing=a.target_spacing)
+    cases = load_dataset(a.data, require_labels=False)
+    cache = PreprocessCache(a.cache)
+    recs = prepare_slices(cases, cfg, cache, spacing=a.spacing, progress=not a.quiet)
+    print(f"preprocessed {len(recs)} slices of {len(cases)} cases at {a.size}x{a.size}; cache: {cache.root}")
+    if a.preview:
+        sel = recs[:8]
+        preview_grid([r.image for r in sel], [r.label for r in sel] if all(r.label is not None for r in sel) else None,
+                     a.preview, [f"{r.case_id}[{r.index}]" for r in sel])
+        print(f"preview: {a.preview}")
+    return 0
+
+
+def cmd_info(a) -> int:
+    from .io.images import read_image
+
+    img = read_image(a.input, spacing=a.spacing)
+    print(json.dumps({"source": img.source, "slices": img.num_slices, "rows": img.data.shape[1],
+                      "cols": img.data.shape[2], "spacing_mm": img.spacing, "slice_thickness_mm": img.slice_thickness,
+                      "min": float(img.data.min()), "max": float(img.data.max())}, indent=1))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spineseg", description="Segmentation of axial lumbar spine MRI: "
+                                "vertebral body, vertebral foramen (canal), lamina.")
+    p.add_argument("--version", action="version", version=f"spineseg {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("phantom", help="generate the synthetic axial lumbar MRI data set (nnU-Net raw layout)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--patients", type=int, required=True)
+    s.add_argument("--slices-per-patient", type=int, required=True)
+    s.add_argument("--size", type=int, default=512)
+    s.add_argument("--spacing", type=float, default=0.3906)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--contrast", default="t2", help="t2 (default), t2fs, water, fat, t1, random or mixed")
+    s.add_argument("--preview", help="write a PNG grid of slices with label outlines")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_phantom)
+
+    s = sub.add_parser("split", help="write patient-level splits.json (kfold or paper)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--scheme", choices=["kfold", "paper"], default="kfold")
+    s.add_argument("--out", help="default: DATA/splits.json")
+    s.set_defaults(func=cmd_split)
+
+    s = sub.add_parser("preprocess", help="run (and cache) the paper's preprocessing on a data set")
+    s.add_argument("--data", required=True)
+    s.add_argument("--size", type=int, default=512)
+    s.add_argument("--target-spacing", type=float, default=None, help="working resolution in mm (default: fit ROI)")
+    s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
+    s.add_argument("--cache", default=None, help="cache folder (default $SPINESEG_CACHE or ~/.cache/spineseg)")
+    s.add_argument("--preview", help="write a PNG of preprocessed slices")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_preprocess)
+
+    s = sub.add_parser("info", help="read an image and print its geometry")
+    s.add_argument("input")
+    s.add_argument("--spacing", type=float, default=None)
+    s.set_defaults(func=cmd_info)
+
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return int(a.func(a) or 0)
+    except SpinesegError as exc:
+        if a.debug:
+            raise
+        print(f"spineseg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spineseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""PyTorch datasets over any supported layout: one item = one preprocessed axial slice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import SpinesegError
+from ..io.images import check_pair, read_image, read_label
+from ..io.layouts import Case
+from ..preprocess.pipeline import Geometry, PreprocessCache, PreprocessConfig, preprocess_slice
+from .augment import AugmentConfig, random_affine
+
+
+@dataclass
+class SliceRecord:
+    case_id: str
+    patient: str
+    index: int  # slice index within the case's volume
+    image: np.ndarray  # (S, S) float32, network grid
+    label: np.ndarray | None  # (S, S) uint8, network grid
+    geometry: Geometry
+
+
+def prepare_slices(cases: list[Case], cfg: PreprocessConfig, cache: PreprocessCache | None = None,
+                   spacing: float | None = None, progress: bool = False) -> list[SliceRecord]:
+    """Read, check and preprocess every slice of ``cases`` (through the cache when one is given)."""
+    from tqdm import tqdm
+
+    out: list[SliceRecord] = []
+    for case in tqdm(cases, desc="preprocess", unit="case", disable=not progress):
+        img = lab = None
+        n = None
+        if cache is None:
+            img = read_image(case.image, spacing=spacing)
+            n = img.num_slices
+        else:
+            # a single-slice file needs no read when the cache has it
+            key0 = cache.key(case.image, case.label, 0, cfg)
+            hit = cache.get(key0)
+            if hit is not None and _single_slice(case.image):
+                out.append(SliceRecord(case.case_id, case.patient, 0, hit[0], hit[1], hit[2]))
+                continue
+            img = read_image(case.image, spacing=spacing)
+            n = img.num_slices
+        if case.label is not None:
+            lab = read_label(case.label, spacing=spacing)
+            check_pair(img, lab)
+        for i in range(n):
+            key = cache.key(case.image, case.label, i, cfg) if cache is not None else None
+            hit = cache.get(key) if cache is not None else None
+            if hit is None:
+                x, y, g = preprocess_slice(img.data[i], img.spacing, cfg, None if lab is None else lab.data[i])
+                if cache is not None:
+                    cache.put(key, x, y, g)
+            else:
+                x, y, g = hit
+            out.append(SliceRecord(case.case_id, case.patient, i, x, y, g))
+    return out
+
+
+def _single_slice(path) -> bool:
+    from ..io.images import NIFTI_EXT, file_ext
+
+    if file_ext(path) not in NIFTI_EXT:
+        return False
+    import nibabel as nib
+
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception:
+        return False
+    return len(shape) == 2 or (len(shape) >= 3 and shape[2] == 1)
+
+
+class SliceDataset(Dataset):
+    """Items: ``{"image": (1,S,S) float, "label": (S,S) long, "case": str, "index": int}``."""
+
+    def __init__(self, records: list[SliceRecord], augment: AugmentConfig | None = None, seed: int = 0):
+        if not records:
+            raise SpinesegError("no slices to load")
+        self.records = records
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        img = torch.from_numpy(r.image)[None]
+        lab = torch.from_numpy(r.label.astype(np.int64)) if r.label is not None else None
+        if self.augment is not None:
+            gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+            img, lab = random_affine(img, lab, self.augment, gen)
+        item = {"image": img.float(), "case": r.case_id, "index": r.index}
+        if lab is not None:
+            item["label"] = lab
+        return item
+
+
+def make_loader(records, batch_size: int, shuffle: bool, augment: AugmentConfig | None = None, seed: int = 0,
+                num_workers: int = 0) -> DataLoader:
+    ds = SliceDataset(records, augment=augment, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=gen,
+                      drop_last=False)

@@ -1,0 +1,114 @@
+"""Data-set layouts: nnU-Net v2 raw (imagesTr/labelsTr, imagesTs/labelsTs) and plain image / mask folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SpinesegError
+from .images import IMAGE_EXT, case_stem, file_ext
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    image: Path
+    label: Path | None
+    patient: str
+    subset: str = "train"  # "train" (imagesTr / images) or "test" (imagesTs)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if not p.name.startswith(".") and (p.is_dir() or file_ext(p) in IMAGE_EXT))
+
+
+def _patients(root: Path) -> dict[str, str]:
+    f = root / "cases.csv"
+    if not f.exists():
+        return {}
+    with open(f, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and not {"case", "patient"} <= set(rows[0]):
+        raise SpinesegError("cases.csv needs the columns 'case' and 'patient'", f)
+    return {r["case"]: r["patient"] for r in rows}
+
+
+def _nnunet(root: Path, require_labels: bool) -> list[Case]:
+    try:
+        meta = json.loads((root / "dataset.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SpinesegError(f"cannot read dataset.json ({exc})", root / "dataset.json") from None
+    ending = meta.get("file_ending", ".nii.gz")
+    pat = _patients(root)
+    cases = []
+    for img_dir, lab_dir, subset in (("imagesTr", "labelsTr", "train"), ("imagesTs", "labelsTs", "test")):
+        d = root / img_dir
+        if not d.is_dir():
+            continue
+        for f in sorted(d.glob(f"*_0000{ending}")):
+            cid = f.name[: -len(f"_0000{ending}")]
+            lab = root / lab_dir / f"{cid}{ending}"
+            if not lab.exists():
+                if require_labels and subset == "train":
+                    raise SpinesegError(f"no label map for case {cid} (expected {lab.name})", root / lab_dir)
+                lab = None
+            cases.append(Case(cid, f, lab, pat.get(cid, cid), subset))
+    return cases
+
+
+def _pairs(root: Path, require_labels: bool) -> list[Case]:
+    img_dir = root / "images"
+    lab_dir = next((root / n for n in ("masks", "labels") if (root / n).is_dir()), None)
+    labels = {case_stem(p): p for p in _image_files(lab_dir)} if lab_dir else {}
+    pat = _patients(root)
+    cases = []
+    for f in _image_files(img_dir):
+        cid = case_stem(f)
+        lab = labels.get(cid)
+        if lab is None and require_labels:
+            raise SpinesegError(f"no mask for image {f.name} in {lab_dir or root / 'masks'}", f)
+        cases.append(Case(cid, f, lab, pat.get(cid, cid)))
+    return cases
+
+
+def load_dataset(root: str | Path, require_labels: bool = True) -> list[Case]:
+    """Discover the cases of a data set folder (nnU-Net raw layout or ``images/`` + ``masks/``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SpinesegError("data set folder does not exist", root)
+    if (root / "dataset.json").exists():
+        cases = _nnunet(root, require_labels)
+    elif (root / "images").is_dir():
+        cases = _pairs(root, require_labels)
+    else:
+        raise SpinesegError("not a data set: expected dataset.json + imagesTr/ (nnU-Net raw) "
+                            "or images/ + masks/", root)
+    if not cases:
+        raise SpinesegError("data set folder holds no images", root)
+    return cases
+
+
+def collect_inputs(paths) -> list[Path]:
+    """Expand prediction inputs: files, DICOM series folders, or folders of images / series."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            out.append(p)  # reported as an error per input later
+        elif p.is_dir():
+            entries = _image_files(p)
+            has_sub = any(e.is_dir() for e in entries)
+            images = [e for e in entries if e.is_file() and file_ext(e) in IMAGE_EXT and file_ext(e) not in (".dcm", ".dicom", ".ima")]
+            if not images and not has_sub:
+                out.append(p)  # a DICOM series folder (or empty: error later)
+            else:
+                out.extend(images)
+                out.extend(e for e in entries if e.is_dir())
+                dicoms = [e for e in entries if e.is_file() and file_ext(e) in (".dcm", ".dicom", ".ima")]
+                if dicoms:
+                    out.append(p)
+        else:
+            out.append(p)
+    return out

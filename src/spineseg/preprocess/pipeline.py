@@ -1,0 +1,262 @@
+"""The paper's preprocessing, invertible: wavelet denoising, CLAHE, ROI crop, resize, pad, z-score.
+
+Every geometric step is recorded in a :class:`Geometry`, so a prediction on the network grid maps
+back to the original pixel grid (where all millimetre metrics are computed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .. import __version__
+from ..errors import SpinesegError
+
+
+@dataclass
+class PreprocessConfig:
+    target_size: int = 512  # network input is target_size x target_size
+    denoise: bool = True  # wavelet denoising, BayesShrink soft thresholding
+    clahe: bool = True
+    clahe_clip: float = 0.01
+    roi: bool = True  # automatic ROI (Otsu on the body outline) with a context margin
+    roi_margin_mm: float = 10.0
+    target_spacing: float | None = None  # None: paper behaviour (fit ROI to target_size); else mm per pixel
+    zscore: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "PreprocessConfig":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SpinesegError(f"unknown preprocessing options: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Geometry:
+    """How a slice of shape ``orig_shape`` became the ``out_size`` x ``out_size`` network input."""
+
+    orig_shape: tuple[int, int]
+    spacing: tuple[float, float]  # original pixel spacing (row, col), mm
+    crop: tuple[int, int, int, int]  # r0, r1, c0, c1 of the ROI in the original grid
+    resized_shape: tuple[int, int]  # the ROI after resizing
+    window: tuple[int, int, int, int]  # part of the resized ROI kept: r0, r1, c0, c1
+    offset: tuple[int, int]  # where that part sits in the output
+    out_size: int
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        d = dict(d)
+        for k in ("orig_shape", "spacing", "crop", "resized_shape", "window", "offset"):
+            d[k] = tuple(d[k])
+        return cls(**d)
+
+    @property
+    def out_spacing(self) -> tuple[float, float]:
+        """Pixel spacing (mm) on the network grid."""
+        r0, r1, c0, c1 = self.crop
+        return (self.spacing[0] * (r1 - r0) / self.resized_shape[0], self.spacing[1] * (c1 - c0) / self.resized_shape[1])
+
+
+# ----------------------------------------------------------------------------------------------- intensity
+
+def _unit(img: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(img, [0.5, 99.5])
+    if hi - lo < 1e-6:
+        hi = lo + 1.0
+    return np.clip((img - lo) / (hi - lo), 0.0, 1.0)
+
+
+def denoise(img01: np.ndarray) -> np.ndarray:
+    from skimage.restoration import denoise_wavelet
+
+    return denoise_wavelet(img01, method="BayesShrink", mode="soft", rescale_sigma=True)
+
+
+def clahe(img01: np.ndarray, clip: float) -> np.ndarray:
+    from skimage.exposure import equalize_adapthist
+
+    return equalize_adapthist(np.clip(img01, 0, 1), clip_limit=clip)
+
+
+def roi_box(img01: np.ndarray, spacing: tuple[float, float], margin_mm: float) -> tuple[int, int, int, int]:
+    """Bounding box of the body outline (Otsu + largest component + hole filling), with a margin."""
+    from skimage.filters import threshold_otsu
+
+    H, W = img01.shape
+    smooth = ndi.gaussian_filter(img01, 2.0)
+    try:
+        thr = threshold_otsu(smooth)
+    except ValueError:
+        return 0, H, 0, W
+    fg = smooth > thr * 0.5
+    lab, n = ndi.label(fg)
+    if n == 0:
+        return 0, H, 0, W
+    sizes = ndi.sum(fg, lab, index=np.arange(1, n + 1))
+    body = lab == (1 + int(np.argmax(sizes)))
+    if body.sum() < 0.02 * H * W:  # nothing sensible found: keep the whole image
+        return 0, H, 0, W
+    rows = np.flatnonzero(body.any(1))
+    cols = np.flatnonzero(body.any(0))
+    mr, mc = int(round(margin_mm / spacing[0])), int(round(margin_mm / spacing[1]))
+    return (int(max(0, rows[0] - mr)), int(min(H, rows[-1] + 1 + mr)), int(max(0, cols[0] - mc)),
+            int(min(W, cols[-1] + 1 + mc)))
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+
+def _resize(arr: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
+    from skimage.transform import resize
+
+    if tuple(arr.shape[-2:]) == tuple(shape):
+        return arr.copy()
+    return resize(arr, shape, order=order, mode="edge", anti_aliasing=False, preserve_range=True).astype(arr.dtype)
+
+
+def plan_geometry(shape, spacing, crop, cfg: PreprocessConfig) -> Geometry:
+    r0, r1, c0, c1 = crop
+    h, w = r1 - r0, c1 - c0
+    S = cfg.target_size
+    if cfg.target_spacing is None:
+        f = S / max(h, w)
+    else:
+        f = None
+    if f is not None:
+        rh, rw = max(1, int(round(h * f))), max(1, int(round(w * f)))
+    else:
+        rh = max(1, int(round(h * spacing[0] / cfg.target_spacing)))
+        rw = max(1, int(round(w * spacing[1] / cfg.target_spacing)))
+    # keep a centred window of at most S x S of the resized ROI, and centre it in the output
+    kh, kw = min(rh, S), min(rw, S)
+    wr0, wc0 = (rh - kh) // 2, (rw - kw) // 2
+    return Geometry(tuple(int(x) for x in shape), tuple(float(x) for x in spacing),
+                    tuple(int(x) for x in (r0, r1, c0, c1)), (rh, rw), (wr0, wr0 + kh, wc0, wc0 + kw),
+                    ((S - kh) // 2, (S - kw) // 2), int(S))
+
+
+def forward_geometry(arr: np.ndarray, g: Geometry, order: int, fill=0) -> np.ndarray:
+    """Apply crop -> resize -> window -> pad to a 2D array (order 0 for label maps, 1 for images)."""
+    r0, r1, c0, c1 = g.crop
+    roi = _resize(arr[r0:r1, c0:c1], g.resized_shape, order)
+    wr0, wr1, wc0, wc1 = g.window
+    out = np.full((g.out_size, g.out_size), fill, dtype=arr.dtype)
+    orr, oc = g.offset
+    out[orr:orr + wr1 - wr0, oc:oc + wc1 - wc0] = roi[wr0:wr1, wc0:wc1]
+    return out
+
+
+def inverse_geometry(arr: np.ndarray, g: Geometry, order: int = 0, fill=0) -> np.ndarray:
+    """Map a network-grid array (``(S, S)`` or ``(C, S, S)``) back onto the original grid."""
+    lead = arr.shape[:-2]
+    wr0, wr1, wc0, wc1 = g.window
+    orr, oc = g.offset
+    part = arr[..., orr:orr + wr1 - wr0, oc:oc + wc1 - wc0]
+    roi = np.full(lead + tuple(g.resized_shape), fill, dtype=arr.dtype)
+    roi[..., wr0:wr1, wc0:wc1] = part
+    r0, r1, c0, c1 = g.crop
+    if lead:
+        back = np.stack([_resize(c, (r1 - r0, c1 - c0), order) for c in roi.reshape((-1,) + roi.shape[-2:])])
+        back = back.reshape(lead + back.shape[-2:])
+    else:
+        back = _resize(roi, (r1 - r0, c1 - c0), order)
+    out = np.full(lead + tuple(g.orig_shape), fill, dtype=arr.dtype)
+    out[..., r0:r1, c0:c1] = back
+    return out
+
+
+def probabilities_to_labels(probs: np.ndarray, g: Geometry) -> np.ndarray:
+    """Resample class probabilities ``(C, S, S)`` to the original grid (linear), then take the argmax."""
+    back = inverse_geometry(probs.astype(np.float32), g, order=1, fill=0.0)
+    bg = np.zeros(back.shape[-2:], bool)
+    r0, r1, c0, c1 = g.crop
+    bg[:] = True
+    bg[r0:r1, c0:c1] = False
+    lab = back.argmax(0).astype(np.uint8)
+    lab[bg] = 0
+    return lab
+
+
+# ----------------------------------------------------------------------------------------------- pipeline
+
+def preprocess_slice(img: np.ndarray, spacing: tuple[float, float], cfg: PreprocessConfig,
+                     label: np.ndarray | None = None):
+    """Return ``(image, label_or_None, geometry)`` on the network grid."""
+    img = np.asarray(img, np.float32)
+    if img.ndim != 2:
+        raise SpinesegError(f"expected a 2D slice, got shape {img.shape}")
+    x = _unit(img)
+    if cfg.denoise:
+        x = denoise(x)
+    if cfg.clahe:
+        x = clahe(x, cfg.clahe_clip)
+    crop = roi_box(x, spacing, cfg.roi_margin_mm) if cfg.roi else (0, img.shape[0], 0, img.shape[1])
+    g = plan_geometry(img.shape, spacing, crop, cfg)
+    valid = forward_geometry(np.ones(img.shape, np.uint8), g, order=0).astype(bool)
+    out = forward_geometry(x.astype(np.float32), g, order=1, fill=0.0)
+    if cfg.zscore:
+        vals = out[valid]
+        out = np.where(valid, (out - vals.mean()) / (vals.std() + 1e-6), 0.0).astype(np.float32)
+    lab = None if label is None else forward_geometry(np.asarray(label, np.uint8), g, order=0)
+    return out.astype(np.float32), lab, g
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+def default_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("SPINESEG_CACHE", Path.home() / ".cache" / "spineseg" / "preprocessed"))
+
+
+class PreprocessCache:
+    """Preprocessed slices on disk, keyed by source file (path, size, mtime), slice and parameters."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_cache_dir()
+
+    def key(self, image: Path, label: Path | None, index: int, cfg: PreprocessConfig) -> str:
+        def stamp(p):
+            if p is None:
+                return None
+            st = Path(p).stat()
+            return [str(Path(p).resolve()), st.st_size, st.st_mtime_ns]
+
+        payload = json.dumps([stamp(image), stamp(label), index, cfg.to_dict(), __version__], sort_keys=True)
+        return hashlib.sha1(payload.encode()).hexdigest()
+
+    def get(self, key: str):
+        f = self.root / key[:2] / f"{key}.npz"
+        if not f.exists():
+            return None
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                lab = z["label"] if "label" in z.files else None
+                return z["image"], lab, Geometry.from_dict(json.loads(str(z["geometry"])))
+        except Exception:
+            return None  # a damaged cache entry is simply recomputed
+
+    def put(self, key: str, image, label, geom: Geometry) -> None:
+        import io
+
+        from ..io.atomic import atomic_write_bytes
+
+        buf = io.BytesIO()
+        arrays = {"image": image, "geometry": np.array(json.dumps(geom.to_dict()))}
+        if label is not None:
+            arrays["label"] = label
+        np.savez(buf, **arrays)
+        atomic_write_bytes(self.root / key[:2] / f"{key}.npz", buf.getvalue())

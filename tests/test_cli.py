@@ -1,0 +1,49 @@
+import json
+import subprocess
+import sys
+
+from spineseg.cli import main
+
+
+def test_phantom_command_layout(tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["phantom", "--out", str(out), "--patients", "2", "--slices-per-patient", "2", "--size", "96",
+                 "--spacing", "2.0", "--preview", str(tmp_path / "p.png"), "--quiet"]) == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "T2"} and meta["numTraining"] == 4 and meta["file_ending"] == ".nii.gz"
+    assert meta["labels"] == {"background": 0, "vertebral_body": 1, "vertebral_foramen": 2, "lamina": 3}
+    assert sorted(p.name for p in (out / "imagesTr").iterdir())[0] == "P000_00_0000.nii.gz"
+    assert len(list((out / "labelsTr").iterdir())) == 4
+    header = (out / "cases.csv").read_text().splitlines()[0]
+    assert header.startswith("case,patient,level,position,stenosis")
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    import nibabel as nib
+
+    img = nib.load(str(out / "imagesTr" / "P000_00_0000.nii.gz"))
+    assert img.shape == (96, 96, 1) and abs(img.header.get_zooms()[0] - 2.0) < 1e-6
+
+
+def test_existing_output_is_not_touched(tmp_path, capsys):
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc = main(["phantom", "--out", str(out), "--patients", "1", "--slices-per-patient", "1", "--size", "64",
+               "--spacing", "3", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(out) in err[0] and "not empty" in err[0]
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".p.")]  # no partial folder left
+
+
+def test_bad_input_one_line_no_traceback(tmp_path):
+    bad = tmp_path / "x.nii.gz"
+    bad.write_bytes(b"\x00garbage" * 50)
+    r = subprocess.run([sys.executable, "-m", "spineseg.cli", "info", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "x.nii.gz" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_split_command(small_phantom, tmp_path):
+    assert main(["split", "--data", str(small_phantom), "--scheme", "paper", "--out", str(tmp_path / "s.json")]) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert len(s) == 5 and set(s[0]) == {"train", "val", "test"}

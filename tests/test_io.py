@@ -1,0 +1,164 @@
+import numpy as np
+import pytest
+
+from spineseg.errors import SpinesegError
+from spineseg.io.images import _LPS_TO_RAS, read_image, read_label, save_nifti, save_png, write_labels_like
+
+
+def _pattern(shape=(20, 16, 5)):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 1000, shape).astype(np.int16)
+
+
+def _world_of_display(img, s, r, c):
+    """RAS world coordinate of display voxel (slice s, row r, col c)."""
+    d = np.zeros(img.data.shape, np.uint8)
+    d[s, r, c] = 1
+    f = img.to_file_layout(d)
+    idx = np.argwhere(f.reshape(f.shape + (1,) * (3 - f.ndim)) == 1)[0]
+    return (img.affine @ np.r_[idx, 1.0])[:3]
+
+
+def test_nifti_any_orientation_gives_same_display(tmp_path):
+    data = _pattern()
+    lps = _LPS_TO_RAS @ np.diag([0.8, 0.9, 4.0, 1.0])
+    save_nifti(tmp_path / "lps.nii.gz", data, lps)
+    # same voxels stored as R, A, S (flip the first two axes) and with axes permuted
+    ras = lps.copy()
+    ras[:, 0] *= -1
+    ras[:, 1] *= -1
+    ras[:3, 3] = lps[:3, :3] @ [19, 15, 0]
+    save_nifti(tmp_path / "ras.nii.gz", data[::-1, ::-1, :], ras)
+    perm = lps[:, [2, 0, 1, 3]]
+    save_nifti(tmp_path / "perm.nii.gz", np.transpose(data, (2, 0, 1)), perm)
+    a = read_image(tmp_path / "lps.nii.gz")
+    for name in ("ras", "perm"):
+        b = read_image(tmp_path / f"{name}.nii.gz")
+        assert np.array_equal(a.data, b.data), name
+        assert b.spacing == pytest.approx((0.9, 0.8))
+        assert b.slice_thickness == pytest.approx(4.0)
+    assert a.data.shape == (5, 16, 20)
+
+
+def test_display_convention_anterior_top_patient_left_right(tmp_path):
+    save_nifti(tmp_path / "v.nii.gz", _pattern(), np.diag([1.0, 1.0, 3.0, 1.0]))  # RAS storage
+    img = read_image(tmp_path / "v.nii.gz")
+    o = _world_of_display(img, 0, 0, 0)
+    assert _world_of_display(img, 0, 5, 0)[1] < o[1]  # lower rows are more posterior (RAS y smaller)
+    assert _world_of_display(img, 0, 0, 5)[0] < o[0]  # columns to the right are patient left (RAS x smaller)
+    assert _world_of_display(img, 1, 0, 0)[2] > o[2]  # slices go inferior -> superior
+
+
+def test_labels_written_back_on_source_grid(tmp_path):
+    data = _pattern()
+    ras = np.diag([1.1, 1.2, 3.0, 1.0])
+    ras[:3, 3] = [5, -7, 11]
+    save_nifti(tmp_path / "img.nii.gz", data, ras)
+    img = read_image(tmp_path / "img.nii.gz")
+    lab = (img.data > 500).astype(np.uint8)
+    write_labels_like(tmp_path / "lab.nii.gz", lab, img)
+    import nibabel as nib
+
+    back = nib.load(str(tmp_path / "lab.nii.gz"))
+    assert back.shape == data.shape
+    assert np.allclose(back.affine, ras)
+    assert np.array_equal(np.asarray(back.dataobj), (data > 500).astype(np.uint8))
+
+
+def _write_dicom_series(folder, vol, spacing=(0.7, 0.8), thickness=4.0, slope=2.0, intercept=-100.0):
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir()
+    series = generate_uid()
+    order = [2, 0, 3, 1][: vol.shape[0]]
+    for n, k in enumerate(order):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.SeriesInstanceUID = series
+        ds.Modality = "MR"
+        ds.Rows, ds.Columns = vol.shape[1:]
+        ds.PixelSpacing = list(spacing)
+        ds.SliceThickness = thickness
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]  # rows -> patient left, columns -> posterior
+        ds.ImagePositionPatient = [0.0, 0.0, float(k * thickness)]
+        ds.InstanceNumber = 10 - k  # deliberately disagrees with the position order
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = vol[k].astype(np.uint16).tobytes()
+        pydicom.dcmwrite(str(folder / f"im{n}.dcm"), ds, enforce_file_format=True)
+
+
+def test_dicom_series_sorted_by_position_with_rescale(tmp_path):
+    vol = np.stack([np.full((6, 8), 10 * (k + 1)) for k in range(4)]).astype(np.uint16)
+    vol[:, 0, 0] = 500  # marks the first stored row/column
+    _write_dicom_series(tmp_path / "series", vol)
+    img = read_image(tmp_path / "series")
+    assert img.data.shape == (4, 6, 8)
+    assert img.spacing == pytest.approx((0.7, 0.8))
+    assert img.slice_thickness == pytest.approx(4.0)
+    # ordered inferior -> superior by ImagePositionPatient, rescaled
+    assert [float(img.data[k, 3, 3]) for k in range(4)] == [10 * (k + 1) * 2.0 - 100 for k in range(4)]
+    # LPS-aligned DICOM is already in the display convention
+    assert img.data[0, 0, 0] == 500 * 2 - 100
+    # a single file of the series also reads
+    one = read_image(sorted((tmp_path / "series").iterdir())[0])
+    assert one.data.shape == (1, 6, 8)
+
+
+def test_png_needs_spacing(tmp_path):
+    save_png(tmp_path / "a.png", (np.arange(64 * 48).reshape(48, 64) % 255).astype(np.uint8))
+    with pytest.raises(SpinesegError, match="spacing"):
+        read_image(tmp_path / "a.png")
+    img = read_image(tmp_path / "a.png", spacing=0.5)
+    assert img.data.shape == (1, 48, 64) and img.spacing == (0.5, 0.5)
+
+
+@pytest.mark.parametrize("content,msg", [(b"", "empty"), (b"not an image at all" * 10, "cannot read")])
+def test_corrupt_files_name_the_file(tmp_path, content, msg):
+    f = tmp_path / "broken.nii.gz"
+    f.write_bytes(content)
+    with pytest.raises(SpinesegError, match=msg) as e:
+        read_image(f)
+    assert "broken.nii.gz" in str(e.value)
+
+
+def test_nan_image_and_bad_labels_rejected(tmp_path):
+    data = np.zeros((8, 8, 1), np.float32)
+    data[2, 2] = np.nan
+    save_nifti(tmp_path / "nan.nii.gz", data, np.eye(4))
+    with pytest.raises(SpinesegError, match="NaN"):
+        read_image(tmp_path / "nan.nii.gz")
+    lab = np.zeros((8, 8, 1), np.uint8)
+    lab[0, 0] = 7
+    save_nifti(tmp_path / "lab.nii.gz", lab, np.eye(4))
+    with pytest.raises(SpinesegError, match="outside 0-3"):
+        read_label(tmp_path / "lab.nii.gz")
+
+
+def test_empty_folder_and_missing_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpinesegError, match="empty"):
+        read_image(tmp_path / "empty")
+    with pytest.raises(SpinesegError, match="no such file"):
+        read_image(tmp_path / "nope.nii.gz")
+
+
+def test_real_axial_volumes(realdata):
+    for name in ("TUM01_water_img_img_L2-L5.nii.gz", "TUM02_water_img_img_L2-L5.nii.gz"):
+        img = read_image(realdata / name)
+        assert img.data.shape == (29, 400, 400)
+        assert img.spacing == pytest.approx((1.0185, 1.0185), abs=1e-3)
+        assert img.slice_thickness == pytest.approx(4.0, abs=1e-3)
+        o = _world_of_display(img, 0, 0, 0)
+        assert _world_of_display(img, 0, 10, 0)[1] < o[1]  # anterior at the top
+        assert _world_of_display(img, 0, 0, 10)[0] < o[0]  # patient left on image right
+        assert _world_of_display(img, 3, 0, 0)[2] > o[2]
