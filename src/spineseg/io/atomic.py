@@ -11,6 +11,12 @@ from pathlib import Path
 from ..errors import SpinesegError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_name(path: Path) -> Path:
     # keep the full suffix (".nii.gz") so writers that look at the extension still work
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes) or ".tmp", dir=path.parent)
@@ -26,6 +32,7 @@ def atomic_path(path: str | Path):
     tmp = _tmp_name(path)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file ordinary permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -61,6 +68,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    os.chmod(tmp, 0o777 & ~_umask())
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
