@@ -70,6 +70,33 @@ def cmd_info(a) -> int:
     return 0
 
 
+def cmd_train(a) -> int:
+    from .train.loop import train
+
+    res = train(data=a.data, model=a.model, out=a.out, config=a.config, fold=a.fold, split=a.split,
+                resume=a.resume, seed=a.seed, device=a.device, cache=a.cache, splits_file=a.splits,
+                progress=not a.quiet)
+    print(json.dumps(res))
+    print(f"checkpoints: {Path(a.out) / 'best.pt'} (best validation Dice), {Path(a.out) / 'last.pt'}")
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .infer.predict import predict_paths
+
+    written, errors = predict_paths(a.model, a.input, a.out, spacing=a.spacing, device=a.device,
+                                    overlays=not a.no_overlays, progress=not a.quiet)
+    print(f"wrote {len(written)} label maps to {a.out}" + (f"; {len(errors)} inputs failed" if errors else ""))
+    return 2 if errors else 0
+
+
+def cmd_bench(a) -> int:
+    from .bench import attention_benchmark
+
+    attention_benchmark(json_path=a.json, sizes=a.sizes)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +140,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spacing", type=float, default=None)
     s.set_defaults(func=cmd_info)
 
+    from .models.registry import model_names
+
+    s = sub.add_parser("train", help="train a model (an ablation row or the full adversarial model)")
+    s.add_argument("--data", required=True, help="data set folder (nnU-Net raw layout or images/ + masks/)")
+    s.add_argument("--model", required=True, choices=model_names())
+    s.add_argument("--config", help="YAML schedule, e.g. configs/paper.yaml or cpu-quick (default: built-in)")
+    s.add_argument("--fold", type=int, default=0)
+    s.add_argument("--split", choices=["kfold", "paper"], default="kfold")
+    s.add_argument("--splits", help="use this splits.json instead of computing one")
+    s.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, tb/)")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--cache", default=None, help="preprocessing cache folder")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("predict", help="segment images with a trained model")
+    s.add_argument("--model", required=True, help="checkpoint (RUN/best.pt)")
+    s.add_argument("--input", required=True, nargs="+", help="NIfTI / MHA / DICOM series folder / PNG, or folders")
+    s.add_argument("--out", required=True)
+    s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--no-overlays", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("bench", help="benchmarks")
+    s.add_argument("what", choices=["attention"])
+    s.add_argument("--json", default=None, help="also write the rows as JSON")
+    s.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
+    s.set_defaults(func=cmd_bench)
     return p
 
 

@@ -1,0 +1,1 @@
+"""Applying a trained model to new images."""

@@ -1,0 +1,82 @@
+"""Prediction: any supported image -> preprocess -> model -> back to the source grid -> NIfTI + overlay PNG."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import NUM_CLASSES
+from ..errors import SpinesegError
+from ..io.images import case_stem, read_image, write_labels_like
+from ..io.layouts import collect_inputs
+from ..preprocess.pipeline import PreprocessConfig, preprocess_slice, probabilities_to_labels
+
+
+class Predictor:
+    def __init__(self, checkpoint: str | Path, device: str = "auto", threads: int | None = 2):
+        from ..train.loop import load_checkpoint, model_from_config, pick_device
+
+        self.device = pick_device(device)
+        if self.device.type == "cpu" and threads:
+            torch.set_num_threads(threads)
+        ck = load_checkpoint(checkpoint, map_location=self.device)
+        self.config = ck["config"]
+        self.pp = PreprocessConfig.from_dict(ck["preprocess"])
+        self.model = model_from_config(self.config).to(self.device)
+        self.model.load_state_dict(ck["model"])
+        self.model.eval()
+        self.name = ck.get("model_name", "?")
+
+    @torch.no_grad()
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x)[None, None].to(self.device)
+        return torch.softmax(self.model(t).float(), 1)[0].cpu().numpy()
+
+    def predict_slice(self, img2d: np.ndarray, spacing) -> np.ndarray:
+        x, _, g = preprocess_slice(img2d, spacing, self.pp)
+        return probabilities_to_labels(self.probabilities(x), g)
+
+    def predict_volume(self, image) -> np.ndarray:
+        return np.stack([self.predict_slice(image.data[i], image.spacing) for i in range(image.num_slices)])
+
+
+def output_name(path: Path) -> str:
+    stem = case_stem(path)
+    return stem[:-5] if stem.endswith("_0000") else stem
+
+
+def overlay_png(path: Path, image: np.ndarray, labels: np.ndarray, max_slices: int = 16) -> None:
+    from ..io.preview import preview_grid
+
+    n = image.shape[0]
+    idx = np.linspace(0, n - 1, min(n, max_slices)).round().astype(int) if n > 1 else [0]
+    preview_grid([image[i] for i in idx], [labels[i] for i in idx], path,
+                 [f"slice {i}" for i in idx] if n > 1 else None, ncols=4)
+
+
+def predict_paths(checkpoint, inputs, out, spacing: float | None = None, device: str = "auto",
+                  overlays: bool = True, progress: bool = True) -> tuple[list[Path], list[str]]:
+    """Predict every input; a bad input is reported and skipped. Returns (written files, error lines)."""
+    from tqdm import tqdm
+
+    pred = Predictor(checkpoint, device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written, errors = [], []
+    for p in tqdm(collect_inputs(inputs), desc="predict", unit="image", disable=not progress):
+        try:
+            img = read_image(p, spacing=spacing)
+            labels = pred.predict_volume(img)
+            name = output_name(p)
+            dst = out / f"{name}.nii.gz"
+            write_labels_like(dst, labels, img)
+            if overlays:
+                overlay_png(out / "overlays" / f"{name}.png", img.data, labels)
+            written.append(dst)
+        except SpinesegError as exc:
+            errors.append(str(exc))
+            print(f"spineseg: error: {exc}", file=sys.stderr)
+    return written, errors

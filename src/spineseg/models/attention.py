@@ -1,0 +1,121 @@
+"""Full and clustered (k-means query) self-attention, and the Transformer block used in the generator.
+
+Clustered attention (the paper's CTM, after Vyas et al. 2020): per (batch, head), the N queries are
+grouped into C clusters by a few Lloyd iterations of k-means started from C evenly spaced queries
+(deterministic, data-driven). Each cluster's centroid attends to all keys,
+``A_c = softmax(Q_c K^T / sqrt(d))``, ``V_c = A_c V``, and every query takes its cluster's row of
+``V_c``. Cost O(N C d) instead of O(N^2 d). The assignment is not differentiated; gradients flow
+through the centroids (hence the queries), the keys and the values. With C = N every query is its
+own cluster and the result equals full attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _init_centroids(q: torch.Tensor, c: int) -> torch.Tensor:
+    n = q.shape[-2]
+    idx = torch.linspace(0, n - 1, c, device=q.device).round().long()
+    return q[..., idx, :]
+
+
+def kmeans_assign(q: torch.Tensor, clusters: int, iters: int = 3) -> torch.Tensor:
+    """Cluster index (…, N) of every query; vectorised Lloyd iterations with no gradient."""
+    with torch.no_grad():
+        qf = q.float()
+        c = _init_centroids(qf, clusters)
+        q2 = (qf * qf).sum(-1, keepdim=True)
+        for it in range(iters + 1):
+            d = q2 - 2 * qf @ c.transpose(-1, -2) + (c * c).sum(-1).unsqueeze(-2)
+            assign = d.argmin(-1)
+            if it == iters:
+                break
+            sums = torch.zeros_like(c).scatter_add_(-2, assign.unsqueeze(-1).expand_as(qf), qf)
+            counts = torch.zeros(c.shape[:-1], device=q.device, dtype=qf.dtype).scatter_add_(
+                -1, assign, torch.ones_like(assign, dtype=qf.dtype))
+            c = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), c)
+    return assign
+
+
+def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, clusters: int, iters: int = 3,
+                        assign: torch.Tensor | None = None) -> torch.Tensor:
+    """q, k: (..., N, d); v: (..., N, dv). Returns (..., N, dv)."""
+    n, d = q.shape[-2], q.shape[-1]
+    c = min(clusters, n)
+    if assign is None:
+        assign = kmeans_assign(q, c, iters)
+    idx = assign.unsqueeze(-1)
+    sums = torch.zeros(q.shape[:-2] + (c, d), dtype=q.dtype, device=q.device).scatter_add(-2, idx.expand_as(q), q)
+    counts = torch.zeros(q.shape[:-2] + (c,), dtype=q.dtype, device=q.device).scatter_add(
+        -1, assign, torch.ones_like(assign, dtype=q.dtype))
+    centroids = sums / counts.clamp_min(1).unsqueeze(-1)
+    attn = torch.softmax(centroids @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)  # (..., C, N)
+    vc = attn @ v  # (..., C, dv)
+    return torch.gather(vc, -2, idx.expand(q.shape[:-2] + (n, v.shape[-1])))
+
+
+def naive_attention(q, k, v):
+    """Materialised softmax(QK^T/sqrt d) V — the O(N^2) memory reference."""
+    a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    return a @ v
+
+
+def sinusoidal_2d(h: int, w: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Fixed 2D sine-cosine position encoding, (h*w, dim)."""
+    quarter = max(dim // 4, 1)
+    freq = torch.exp(-math.log(10000.0) * torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    ys = torch.arange(h, device=device, dtype=torch.float32)[:, None] * freq
+    xs = torch.arange(w, device=device, dtype=torch.float32)[:, None] * freq
+    pe_y = torch.cat([ys.sin(), ys.cos()], -1)[:, None, :].expand(h, w, -1)
+    pe_x = torch.cat([xs.sin(), xs.cos()], -1)[None, :, :].expand(h, w, -1)
+    pe = torch.cat([pe_y, pe_x], -1).reshape(h * w, -1)
+    if pe.shape[1] < dim:
+        pe = F.pad(pe, (0, dim - pe.shape[1]))
+    return pe[:, :dim].to(dtype)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int = 4, mode: str = "full", clusters: int = 100, iters: int = 3):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} not divisible by heads {heads}")
+        if mode not in ("full", "clustered"):
+            raise ValueError(f"attention mode must be full or clustered, not {mode!r}")
+        self.heads, self.mode, self.clusters, self.iters = heads, mode, clusters, iters
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, dim)
+        b, n, dim = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.mode == "full":
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = clustered_attention(q, k, v, self.clusters, self.iters)
+        return self.proj(out.transpose(1, 2).reshape(b, n, dim))
+
+
+class TransformerBlock2d(nn.Module):
+    """Pre-norm MHSA + MLP over the H*W tokens of a feature map, both residual, sinusoidal 2D positions."""
+
+    def __init__(self, dim: int, heads: int = 4, mode: str = "clustered", clusters: int = 100, iters: int = 3,
+                 mlp_ratio: float = 2.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = MultiHeadSelfAttention(dim, heads, mode, clusters, iters)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2) + sinusoidal_2d(h, w, c, x.device, x.dtype)
+        t = t + self.attn(self.norm1(t))
+        t = t + self.mlp(self.norm2(t))
+        return t.transpose(1, 2).reshape(b, c, h, w)

@@ -1,0 +1,36 @@
+"""One registry: every model and ablation row is a name here plus a config file under configs/."""
+
+from __future__ import annotations
+
+from ..errors import SpinesegError
+from .generator import SegUNet
+
+_DILATED = (1, 2, 4, 8)
+_FLAT = (1, 1, 1, 1)
+
+# the paper's seven ablation rows (Tables 5-6); "spineseg" is resunet_ctm_dconv trained adversarially
+ARCHITECTURES: dict[str, dict] = {
+    "unet": dict(block="plain", dilations=_FLAT, attention="none"),
+    "unet_res": dict(block="residual", dilations=_FLAT, attention="none"),
+    "unet_tm": dict(block="plain", dilations=_FLAT, attention="full"),
+    "unet_ctm": dict(block="plain", dilations=_FLAT, attention="clustered"),
+    "unet_res_ctm": dict(block="residual", dilations=_FLAT, attention="clustered"),
+    "resunet_ctm_dconv": dict(block="residual", dilations=_DILATED, attention="clustered"),
+    "spineseg": dict(block="residual", dilations=_DILATED, attention="clustered"),
+}
+ADVERSARIAL_DEFAULT = {"spineseg": "wgan-gp"}
+
+
+def model_names() -> list[str]:
+    return list(ARCHITECTURES)
+
+
+def build_model(name: str, **overrides):
+    if name not in ARCHITECTURES:
+        raise SpinesegError(f"unknown model {name!r}; choose from {', '.join(model_names())}")
+    kw = dict(ARCHITECTURES[name])
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return SegUNet(**kw)
+    except (TypeError, ValueError) as exc:
+        raise SpinesegError(f"bad model options for {name}: {exc}") from None

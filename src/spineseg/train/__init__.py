@@ -1,0 +1,1 @@
+"""Losses and the supervised / adversarial training loops."""
