@@ -2,7 +2,8 @@
 
 Clustered attention (the paper's CTM, after Vyas et al. 2020): per (batch, head), the N queries are
 grouped into C clusters by a few Lloyd iterations of k-means started from C evenly spaced queries
-(deterministic, data-driven). Each cluster's centroid attends to all keys,
+(deterministic, data-driven; the iterations run on a strided sample of at most 4096 queries, then
+every query joins its nearest centroid). Each cluster's centroid attends to all keys,
 ``A_c = softmax(Q_c K^T / sqrt(d))``, ``V_c = A_c V``, and every query takes its cluster's row of
 ``V_c``. Cost O(N C d) instead of O(N^2 d). The assignment is not differentiated; gradients flow
 through the centroids (hence the queries), the keys and the values. With C = N every query is its
@@ -24,22 +25,36 @@ def _init_centroids(q: torch.Tensor, c: int) -> torch.Tensor:
     return q[..., idx, :]
 
 
-def kmeans_assign(q: torch.Tensor, clusters: int, iters: int = 3) -> torch.Tensor:
-    """Cluster index (…, N) of every query; vectorised Lloyd iterations with no gradient."""
+def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid: argmin ||c||^2 / 2 - x.c (the ||x||^2 term does not change it)."""
+    lead = x.shape[:-2]
+    x3 = x.reshape((-1,) + x.shape[-2:])
+    c3 = c.reshape((-1,) + c.shape[-2:])
+    half = 0.5 * (c3 * c3).sum(-1).unsqueeze(-2)
+    d = torch.baddbmm(half, x3, c3.transpose(-1, -2), alpha=-1.0)
+    return d.argmin(-1).reshape(lead + x.shape[-2:-1])
+
+
+def kmeans_assign(q: torch.Tensor, clusters: int, iters: int = 3, sample: int = 4096) -> torch.Tensor:
+    """Cluster index (…, N) of every query, with no gradient.
+
+    Lloyd iterations start from ``clusters`` evenly spaced queries and run on a deterministic strided
+    sample of at most ``sample`` queries (all of them when N <= sample); every query is then assigned
+    to its nearest final centroid. Vectorised over batch and heads.
+    """
     with torch.no_grad():
         qf = q.float()
         c = _init_centroids(qf, clusters)
-        q2 = (qf * qf).sum(-1, keepdim=True)
-        for it in range(iters + 1):
-            d = q2 - 2 * qf @ c.transpose(-1, -2) + (c * c).sum(-1).unsqueeze(-2)
-            assign = d.argmin(-1)
-            if it == iters:
-                break
-            sums = torch.zeros_like(c).scatter_add_(-2, assign.unsqueeze(-1).expand_as(qf), qf)
+        n = qf.shape[-2]
+        stride = max(1, -(-n // sample))
+        xs = qf[..., ::stride, :]
+        for _ in range(iters):
+            assign = _nearest(xs, c)
+            sums = torch.zeros_like(c).scatter_add_(-2, assign.unsqueeze(-1).expand_as(xs), xs)
             counts = torch.zeros(c.shape[:-1], device=q.device, dtype=qf.dtype).scatter_add_(
                 -1, assign, torch.ones_like(assign, dtype=qf.dtype))
             c = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), c)
-    return assign
+        return _nearest(qf, c)
 
 
 def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, clusters: int, iters: int = 3,

@@ -1,0 +1,87 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from spineseg.cli import main
+from spineseg.infer.predict import Predictor
+from spineseg.io.images import read_image, save_nifti
+from spineseg.train.loop import Trainer, load_checkpoint
+
+TINY = {"preprocess": {"target_size": 64}, "model": {"base": 4, "clusters": 8}, "critic": {"base": 4},
+        "train": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "adv_start_epoch": 1}}
+
+
+@pytest.fixture(scope="module")
+def run(small_phantom, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    t = Trainer(small_phantom, "spineseg", out, overrides=TINY, cache=out.parent / "cache", progress=False)
+    t.fit()
+    return out
+
+
+def test_run_folder_contents(run):
+    for f in ("best.pt", "last.pt", "log.csv", "splits.json", "config.json"):
+        assert (run / f).exists(), f
+    assert list((run / "tb").iterdir())
+    lines = (run / "log.csv").read_text().splitlines()
+    assert len(lines) == 3 and "val_dice_lamina" in lines[0] and "loss_d" in lines[0]
+    # the adversarial phase started at epoch 2: the critic loss is logged there only
+    hdr = lines[0].split(",")
+    assert lines[1].split(",")[hdr.index("loss_d")] == "" and lines[2].split(",")[hdr.index("loss_d")] != ""
+    ck = load_checkpoint(run / "last.pt")
+    assert ck["config"]["train"]["adversarial"] == "wgan-gp" and ck["critic"] is not None
+    assert ck["preprocess"]["target_size"] == 64 and ck["version"]
+
+
+def test_save_load_identical_predictions(run, small_phantom):
+    img = read_image(sorted((small_phantom / "imagesTr").iterdir())[0])
+    a = Predictor(run / "best.pt").predict_volume(img)
+    b = Predictor(run / "best.pt").predict_volume(img)
+    assert np.array_equal(a, b) and a.shape == img.data.shape
+
+
+def test_resume_continues(run, tmp_path):
+    import shutil
+
+    r2 = tmp_path / "r2"
+    shutil.copytree(run, r2)
+    ck = json.loads((r2 / "config.json").read_text())
+    t = Trainer(None, None, r2, resume=True, progress=False, cache=run.parent / "cache")
+    assert t.epoch == 2
+    t.cfg["train"]["epochs"] = 3
+    t.fit()
+    assert load_checkpoint(r2 / "last.pt")["epoch"] == 3 and ck["run"]["fold"] == 0
+
+
+def test_existing_run_is_not_overwritten(run, small_phantom):
+    from spineseg.errors import SpinesegError
+
+    with pytest.raises(SpinesegError, match="already holds"):
+        Trainer(small_phantom, "unet", run, overrides=TINY, progress=False)
+
+
+def test_predict_nifti_keeps_geometry(run, tmp_path, capsys):
+    vol = np.random.default_rng(0).integers(0, 500, (48, 40, 3)).astype(np.int16)
+    aff = np.diag([1.2, 1.3, 4.0, 1.0])
+    aff[:3, 3] = [3, 4, 5]
+    save_nifti(tmp_path / "vol.nii.gz", vol, aff)
+    (tmp_path / "bad.nii.gz").write_bytes(b"junk" * 40)
+    rc = main(["predict", "--model", str(run / "best.pt"), "--input", str(tmp_path / "vol.nii.gz"),
+               str(tmp_path / "bad.nii.gz"), "--out", str(tmp_path / "pred"), "--quiet"])
+    assert rc == 2  # one input failed ...
+    err = capsys.readouterr().err
+    assert "bad.nii.gz" in err
+    out = nib.load(str(tmp_path / "pred" / "vol.nii.gz"))  # ... and the other still ran
+    assert out.shape == vol.shape and np.allclose(out.affine, aff)
+    assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2, 3}
+    assert (tmp_path / "pred" / "overlays" / "vol.png").exists()
+
+
+def test_unknown_model_and_bad_config(tmp_path, small_phantom, capsys):
+    (tmp_path / "c.yaml").write_text("train: {nonsense: 1}\n")
+    rc = main(["train", "--data", str(small_phantom), "--model", "unet", "--config", str(tmp_path / "c.yaml"),
+               "--out", str(tmp_path / "r")])
+    assert rc == 2 and "nonsense" in capsys.readouterr().err
