@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py --out benchmarks/results.json
+	$(BIN)/python benchmarks/run.py --out benchmarks
 
 clean:
 	rm -rf runs .pytest_cache

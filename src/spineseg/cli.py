@@ -90,6 +90,57 @@ def cmd_predict(a) -> int:
     return 2 if errors else 0
 
 
+def cmd_evaluate(a) -> int:
+    from .eval.evaluate import evaluate_folders, write_reports
+
+    rows = evaluate_folders(a.pred, a.gt, hd95=a.hd95, spacing=a.spacing)
+    summ = write_reports(rows, a.out, title=f"{a.pred} vs {a.gt}")
+    print((Path(a.out) / "summary.md").read_text())
+    n = len({(r["case"], r["slice"]) for r in rows})
+    print(f"{n} slices evaluated (HD95: {a.hd95}); wrote per_slice.csv, summary.md/.csv/.tex to {a.out}")
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from .eval.compare import write_comparison
+
+    res = write_comparison(a.runs, a.out, reference=a.reference, test=a.test, use_holm=a.holm)
+    print((Path(a.out) / "tables.md").read_text())
+    print(f"reference: {res['reference']}; wrote tables.md/.tex/.csv and bar charts to {a.out}")
+    return 0
+
+
+def cmd_experiment(a) -> int:
+    from .experiment import run_experiment
+
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    folds = [int(f) for f in a.folds.split(",")]
+    run_experiment(a.data, models, a.out, split=a.split, folds=folds, budget_minutes=a.budget_minutes,
+                   epochs=a.epochs, config=a.config, seed=a.seed, reference=a.reference, progress=not a.quiet,
+                   argv=sys.argv[1:])
+    return 0
+
+
+def cmd_nnunet(a) -> int:
+    from .io import nnunet
+
+    if a.action == "export":
+        splits = None
+        if a.split_file:
+            from .data.splits import load_splits
+
+            splits = load_splits(a.split_file)
+        folder = nnunet.export_nnunet(a.data, a.out, splits, a.id, a.name, overwrite=a.overwrite)
+        print(f"wrote {folder}")
+        print(f"next: export nnUNet_raw={Path(a.out).resolve()} nnUNet_preprocessed=... nnUNet_results=...; "
+              f"nnUNetv2_plan_and_preprocess -d {a.id} --verify_dataset_integrity; copy "
+              f"{folder.name}/splits_final.json into nnUNet_preprocessed/{folder.name}/; nnUNetv2_train {a.id} 2d 0")
+    else:
+        out = nnunet.import_nnunet(a.pred_dir, a.out, a.name, overwrite=a.overwrite)
+        print(f"imported into {out}/pred; evaluate with: spineseg evaluate --pred {out}/pred --gt DATA --out {out}/eval")
+    return 0
+
+
 def cmd_bench(a) -> int:
     from .bench import attention_benchmark
 
@@ -166,6 +217,55 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-overlays", action="store_true")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("evaluate", help="per-slice metrics (Dice, IoU, PPV, sensitivity, HD, HD95 in mm) and summaries")
+    s.add_argument("--pred", required=True, help="folder of predicted label maps (NIfTI or PNG)")
+    s.add_argument("--gt", required=True, help="folder of ground-truth label maps, or a data set root")
+    s.add_argument("--out", required=True)
+    s.add_argument("--hd95", choices=["monai", "pooled"], default="monai",
+                   help="monai: max of the directed 95th percentiles (default); pooled: MedPy's definition")
+    s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG label maps (mm)")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("compare", help="paper-style tables with paired tests between evaluated runs")
+    s.add_argument("runs", nargs="+", help="folders holding per_slice.csv (or eval/per_slice.csv)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--reference", help="run the p-values refer to (default: the last run)")
+    s.add_argument("--test", choices=["wilcoxon", "ttest"], default="wilcoxon")
+    s.add_argument("--holm", action="store_true", help="Holm-correct the p-values")
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("experiment", help="train, predict, evaluate several models on one split, then compare")
+    s.add_argument("--data", required=True)
+    s.add_argument("--models", required=True, help="comma-separated registry names")
+    s.add_argument("--split", choices=["kfold", "paper"], default="kfold")
+    s.add_argument("--folds", default="0", help="comma-separated fold indices")
+    budget = s.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-minutes", type=float, help="equal training wall time per model")
+    budget.add_argument("--epochs", type=int, help="equal number of epochs per model")
+    s.add_argument("--config", default="cpu-quick")
+    s.add_argument("--reference", help="row the p-values refer to (default: spineseg if present, else the last)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_experiment)
+
+    s = sub.add_parser("nnunet", help="export a data set to nnU-Net v2 / import its predictions")
+    nsub = s.add_subparsers(dest="action", required=True)
+    e = nsub.add_parser("export")
+    e.add_argument("--data", required=True)
+    e.add_argument("--out", required=True, help="nnUNet_raw folder")
+    e.add_argument("--split-file", help="splits.json to turn into a patient-grouped splits_final.json")
+    e.add_argument("--id", type=int, default=501)
+    e.add_argument("--name", default="LumbarAxial")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_nnunet)
+    i = nsub.add_parser("import")
+    i.add_argument("pred_dir", help="nnU-Net's prediction folder")
+    i.add_argument("--out", required=True, help="run folder to create")
+    i.add_argument("--name", default="nnunet")
+    i.add_argument("--overwrite", action="store_true")
+    i.set_defaults(func=cmd_nnunet)
 
     s = sub.add_parser("bench", help="benchmarks")
     s.add_argument("what", choices=["attention"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import SpinesegError
+from .baselines import DeepLabV3Plus, SegNet, SpineGANGenerator
 from .generator import SegUNet
 
 _DILATED = (1, 2, 4, 8)
@@ -17,8 +18,15 @@ ARCHITECTURES: dict[str, dict] = {
     "unet_res_ctm": dict(block="residual", dilations=_FLAT, attention="clustered"),
     "resunet_ctm_dconv": dict(block="residual", dilations=_DILATED, attention="clustered"),
     "spineseg": dict(block="residual", dilations=_DILATED, attention="clustered"),
+    # baselines of Tables 2-4 (nnU-Net runs through its own tool: `spineseg nnunet`)
+    "segnet": dict(arch="segnet"),
+    "deeplabv3plus": dict(arch="deeplabv3plus"),
+    "spinegan": dict(arch="spinegan"),
 }
-ADVERSARIAL_DEFAULT = {"spineseg": "wgan-gp"}
+_CLASSES = {"segunet": SegUNet, "segnet": SegNet, "deeplabv3plus": DeepLabV3Plus, "spinegan": SpineGANGenerator}
+# options of the U-Net family that the other architectures do not take
+_UNET_ONLY = {"block", "dilations", "attention", "attention_stages", "heads", "clusters", "kmeans_iters", "norm"}
+ABLATION_ROWS = ("unet", "unet_res", "unet_tm", "unet_ctm", "unet_res_ctm", "resunet_ctm_dconv", "spineseg")
 
 
 def model_names() -> list[str]:
@@ -29,8 +37,9 @@ def build_model(name: str, **overrides):
     if name not in ARCHITECTURES:
         raise SpinesegError(f"unknown model {name!r}; choose from {', '.join(model_names())}")
     kw = dict(ARCHITECTURES[name])
-    kw.update({k: v for k, v in overrides.items() if v is not None})
+    arch = kw.pop("arch", "segunet")
+    kw.update({k: v for k, v in overrides.items() if v is not None and not (arch != "segunet" and k in _UNET_ONLY)})
     try:
-        return SegUNet(**kw)
+        return _CLASSES[arch](**kw)
     except (TypeError, ValueError) as exc:
         raise SpinesegError(f"bad model options for {name}: {exc}") from None

@@ -1,0 +1,148 @@
+"""`spineseg evaluate`: per-slice metrics of predicted label maps against ground truth, and summaries."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from .. import STRUCTURES
+from ..errors import SpinesegError
+from ..io.atomic import atomic_write_text
+from ..io.images import IMAGE_EXT, case_stem, file_ext, read_label
+from .metrics import METRICS, slice_metrics, summarise
+
+PER_SLICE_COLUMNS = ("case", "slice", "structure") + METRICS
+
+
+def _label_files(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise SpinesegError("folder does not exist", folder)
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and file_ext(p) in IMAGE_EXT and not p.name.startswith("."):
+            stem = case_stem(p)
+            files[stem[:-5] if stem.endswith("_0000") else stem] = p
+    if not files:
+        raise SpinesegError("folder holds no label maps", folder)
+    return files
+
+
+def gt_folder(path: Path) -> Path:
+    """Accept a label folder or a data set root (labelsTs, then labelsTr, for nnU-Net; masks/ for pairs)."""
+    if (path / "dataset.json").exists():
+        for sub in ("labelsTs", "labelsTr"):
+            if (path / sub).is_dir():
+                return path / sub
+    for sub in ("masks", "labels"):
+        if (path / sub).is_dir():
+            return path / sub
+    return path
+
+
+def evaluate_folders(pred: str | Path, gt: str | Path, hd95: str = "monai", spacing: float | None = None,
+                     cases: list[str] | None = None) -> list[dict]:
+    """Rows ``{case, slice, structure, dice, iou, ppv, sensitivity, hd, hd95}`` for every GT case."""
+    pred_files = _label_files(Path(pred))
+    gt_files = _label_files(gt_folder(Path(gt)))
+    wanted = list(gt_files) if cases is None else list(cases)
+    missing = [c for c in wanted if c not in pred_files]
+    if missing:
+        raise SpinesegError(f"no prediction for ground-truth case {missing[0]}"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), Path(pred))
+    rows = []
+    for c in wanted:
+        if c not in gt_files:
+            raise SpinesegError(f"no ground truth for case {c}", Path(gt))
+        g = read_label(gt_files[c], spacing=spacing)
+        p = read_label(pred_files[c], spacing=spacing)
+        if p.data.shape != g.data.shape:
+            raise SpinesegError(f"prediction size {p.data.shape} differs from ground truth {g.data.shape}", pred_files[c])
+        for s in range(g.num_slices):
+            m = slice_metrics(p.data[s], g.data[s], g.spacing, hd95)
+            for name in STRUCTURES:
+                r = {"case": c, "slice": s, "structure": name}
+                r.update({k: (None if m[name] is None else m[name].get(k)) for k in METRICS})
+                r["absent_both"] = m[name] is None
+                rows.append(r)
+    return rows
+
+
+def rows_to_slices(rows: list[dict]) -> list[dict]:
+    """Back from long rows to ``[{structure: metrics|None}]`` per (case, slice)."""
+    by: dict[tuple, dict] = {}
+    for r in rows:
+        d = by.setdefault((r["case"], int(r["slice"])), {})
+        d[r["structure"]] = None if _truthy(r.get("absent_both")) else {k: _num(r.get(k)) for k in METRICS}
+    return list(by.values())
+
+
+def _truthy(v) -> bool:
+    return v is True or str(v).lower() in ("true", "1")
+
+
+def _num(v):
+    if v is None or v == "":
+        return None
+    return float(v)
+
+
+def read_per_slice(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise SpinesegError("per_slice.csv not found", path)
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not set(PER_SLICE_COLUMNS) <= set(rows[0]):
+        raise SpinesegError(f"not a per-slice metrics file (needs columns {', '.join(PER_SLICE_COLUMNS)})", path)
+    for r in rows:
+        r["absent_both"] = _truthy(r.get("absent_both"))
+        for k in METRICS:
+            r[k] = _num(r[k])
+    return rows
+
+
+def _fmt(v, digits=3):
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def write_reports(rows: list[dict], out: str | Path, title: str = "") -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(PER_SLICE_COLUMNS) + ["absent_both"], lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in w.fieldnames})
+    atomic_write_text(out / "per_slice.csv", buf.getvalue())
+    summ = summarise(rows_to_slices(rows))
+    # CSV
+    buf = io.StringIO()
+    cols = ["structure", "n", "skipped_absent_both", "hd_missing"] + [f"{m}{s}" for m in METRICS for s in ("", "_std")]
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for name in STRUCTURES:
+        w.writerow({"structure": name, **{k: ("" if v is None else v) for k, v in summ[name].items()}})
+    atomic_write_text(out / "summary.csv", buf.getvalue())
+    # Markdown
+    md = [f"# {title or 'Segmentation metrics'}", "",
+          "Mean ± std over test slices, on the original image grid. HD / HD95 in mm.", "",
+          "| structure | Dice | IoU | PPV | sensitivity | HD (mm) | HD95 (mm) | n | skipped (absent in both) | HD missing |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in STRUCTURES:
+        s = summ[name]
+        cells = [f"{_fmt(s[m])} ± {_fmt(s[m + '_std'])}" if s[m] is not None else "–" for m in METRICS]
+        md.append(f"| {name} | " + " | ".join(cells) + f" | {s['n']} | {s['skipped_absent_both']} | {s['hd_missing']} |")
+    atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
+    # LaTeX
+    tex = [r"\begin{tabular}{lcccccc}", r"\hline",
+           r"Structure & Dice & IoU & PPV & Sensitivity & HD (mm) & HD95 (mm) \\", r"\hline"]
+    for name in STRUCTURES:
+        s = summ[name]
+        cells = [f"${_fmt(s[m])} \\pm {_fmt(s[m + '_std'])}$" if s[m] is not None else "--" for m in METRICS]
+        tex.append(name.replace("_", r"\_") + " & " + " & ".join(cells) + r" \\")
+    tex += [r"\hline", r"\end{tabular}"]
+    atomic_write_text(out / "summary.tex", "\n".join(tex) + "\n")
+    return summ

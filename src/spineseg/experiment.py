@@ -1,0 +1,141 @@
+"""`spineseg experiment`: train, predict and evaluate several models on one split, then compare them.
+
+Layout of OUT::
+
+    experiment.json          the command, data seed, models, budget
+    splits.json              the one split every model uses
+    runs/<model>/fold<K>/    training run (best.pt, last.pt, log.csv, tb/), pred/, eval/ (per_slice.csv, summary.*)
+    compare/                 tables.md/.tex/.csv, bar_dice.png, bar_hd95.png, overlays.png, per_slice.csv per model
+
+Finished steps are skipped, so an interrupted experiment resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .data.splits import load_splits, make_splits, write_splits
+from .errors import SpinesegError
+from .io.atomic import atomic_write_text
+from .io.layouts import load_dataset
+from .models.registry import model_names
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,), budget_minutes: float | None = None,
+                   epochs: int | None = None, config: str = "cpu-quick", seed: int = 0, reference: str | None = None,
+                   progress: bool = True, argv: list[str] | None = None) -> Path:
+    from .eval.compare import write_comparison
+    from .eval.evaluate import evaluate_folders, write_reports
+    from .infer.predict import Predictor
+    from .io.images import read_image, write_labels_like
+    from .train.loop import Trainer
+
+    unknown = [m for m in models if m not in model_names()]
+    if unknown:
+        raise SpinesegError(f"unknown models {unknown}; choose from {', '.join(model_names())}")
+    if budget_minutes is None and epochs is None:
+        raise SpinesegError("give --budget-minutes or --epochs (an equal budget for every model)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cases = [c for c in load_dataset(data) if c.subset == "train"]
+    by_id = {c.case_id: c for c in cases}
+    split_path = out / "splits.json"
+    if split_path.exists():
+        splits = load_splits(split_path)
+    else:
+        splits = make_splits(cases, split)
+        write_splits(split_path, splits)
+    meta = {"command": "spineseg " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])), "data": str(Path(data).resolve()),
+            "models": models, "split": split, "folds": list(folds), "budget_minutes": budget_minutes, "epochs": epochs,
+            "config": config, "seed": seed}
+    phantom = Path(data) / "phantom.json"
+    if phantom.exists():
+        meta["phantom"] = json.loads(phantom.read_text())
+    atomic_write_text(out / "experiment.json", json.dumps(meta, indent=1) + "\n")
+    overrides = {"train": {}}
+    if budget_minutes is not None:
+        overrides["train"].update(max_minutes=float(budget_minutes), epochs=epochs or 100000)
+    else:
+        overrides["train"].update(epochs=int(epochs), max_minutes=None)
+
+    eval_dirs: dict[str, list[Path]] = {m: [] for m in models}
+    for k in folds:
+        if not 0 <= k < len(splits):
+            raise SpinesegError(f"fold {k} does not exist ({len(splits)} splits)")
+        test_ids = splits[k].get("test") or splits[k]["val"]
+        for m in models:
+            run = out / "runs" / m / f"fold{k}"
+            done = run / "done.json"
+            if not done.exists():
+                t0 = time.perf_counter()
+                if (run / "last.pt").exists():
+                    _log(f"[{m} fold {k}] resuming training")
+                    trainer = Trainer(data, m, run, resume=True, cache=out / "cache", progress=progress)
+                else:
+                    _log(f"[{m} fold {k}] training")
+                    trainer = Trainer(data, m, run, config=config, fold=k, seed=seed, cache=out / "cache",
+                                      overrides=overrides, progress=progress, splits_file=split_path)
+                res = trainer.fit()
+                atomic_write_text(done, json.dumps({**res, "wall_seconds": time.perf_counter() - t0}, indent=1) + "\n")
+            pred_dir = run / "pred"
+            if not (pred_dir / ".complete").exists():
+                _log(f"[{m} fold {k}] predicting {len(test_ids)} test cases")
+                predictor = Predictor(run / "best.pt")
+                pred_dir.mkdir(parents=True, exist_ok=True)
+                for cid in test_ids:
+                    img = read_image(by_id[cid].image)
+                    write_labels_like(pred_dir / f"{cid}.nii.gz", predictor.predict_volume(img), img)
+                (pred_dir / ".complete").write_text("")
+            ev = run / "eval"
+            if not (ev / "summary.md").exists():
+                rows = evaluate_folders(pred_dir, Path(data), cases=test_ids)
+                write_reports(rows, ev, title=f"{m}, fold {k}")
+                atomic_write_text(ev / "run.json", json.dumps({"name": m, "fold": k}) + "\n")
+            eval_dirs[m].append(ev)
+
+    # pool folds per model, then compare
+    cmp_dir = out / "compare"
+    cmp_dir.mkdir(parents=True, exist_ok=True)
+    pooled = []
+    for m in models:
+        d = cmp_dir / "models" / m
+        rows = []
+        from .eval.evaluate import read_per_slice
+
+        for i, ev in enumerate(eval_dirs[m]):
+            for r in read_per_slice(ev / "per_slice.csv"):
+                r["case"] = f"f{folds[i]}:{r['case']}" if len(folds) > 1 else r["case"]
+                rows.append(r)
+        write_reports(rows, d, title=m)
+        atomic_write_text(d / "run.json", json.dumps({"name": m}) + "\n")
+        pooled.append(d)
+    ref = reference or (models[-1] if "spineseg" not in models else "spineseg")
+    write_comparison(pooled, cmp_dir, reference=ref)
+    _overlay_figure(out, models, folds[0], splits, by_id, cmp_dir / "overlays.png")
+    _log(f"comparison: {cmp_dir / 'tables.md'}")
+    return out
+
+
+def _overlay_figure(out: Path, models, fold, splits, by_id, path, n: int = 4) -> None:
+    from .eval.figures import overlay_grid
+    from .io.images import read_image, read_label
+
+    test_ids = sorted(splits[fold].get("test") or splits[fold]["val"])
+    pick = [test_ids[i] for i in np.linspace(0, len(test_ids) - 1, min(n, len(test_ids))).round().astype(int)]
+    images, gts, preds = [], [], {m: [] for m in models}
+    for cid in pick:
+        images.append(read_image(by_id[cid].image).data[0])
+        gts.append(read_label(by_id[cid].label).data[0])
+        for m in models:
+            preds[m].append(read_label(out / "runs" / m / f"fold{fold}" / "pred" / f"{cid}.nii.gz").data[0])
+    overlay_grid(images, gts, preds, path, titles=pick)

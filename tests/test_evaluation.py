@@ -1,0 +1,142 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from spineseg.cli import main
+from spineseg.errors import SpinesegError
+from spineseg.eval.compare import compare_runs, holm, paired_tests, paired_values, render_tables
+from spineseg.eval.evaluate import evaluate_folders, read_per_slice, write_reports
+from spineseg.eval.figures import FN_COLOR, FP_COLOR, error_overlay
+from spineseg.io.images import read_label, save_slice_nifti
+
+
+@pytest.fixture()
+def pred_gt(tmp_path, small_phantom):
+    """Predictions = ground truth with the lamina dilated in some cases (known errors)."""
+    from scipy import ndimage as ndi
+
+    gt_dir = small_phantom / "labelsTr"
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for i, f in enumerate(sorted(gt_dir.iterdir())[:6]):
+        lab = read_label(f)
+        p = lab.data[0].copy()
+        if i % 2:
+            p[ndi.binary_dilation(p == 3)] = 3
+        save_slice_nifti(pred / f.name, p, lab.spacing)
+    return pred, small_phantom
+
+
+def test_evaluate_folders_and_reports(pred_gt, tmp_path):
+    pred, gt = pred_gt
+    cases = sorted(p.name[:-7] for p in pred.iterdir())
+    rows = evaluate_folders(pred, gt, cases=cases)
+    assert len(rows) == 6 * 3
+    lam = [r for r in rows if r["structure"] == "lamina"]
+    assert [r["dice"] == pytest.approx(1.0) for r in lam] == [True, False] * 3
+    assert all(r["dice"] == pytest.approx(1.0) and r["hd95"] == 0 for r in rows if r["structure"] == "vertebral_body")
+    summ = write_reports(rows, tmp_path / "ev")
+    for f in ("per_slice.csv", "summary.md", "summary.csv", "summary.tex"):
+        assert (tmp_path / "ev" / f).exists()
+    back = read_per_slice(tmp_path / "ev" / "per_slice.csv")
+    assert len(back) == 18 and set(back[0]) >= {"case", "structure", "dice", "iou", "ppv", "sensitivity", "hd", "hd95"}
+    assert summ["lamina"]["dice"] < 1.0 and summ["vertebral_body"]["dice"] == pytest.approx(1.0)
+
+
+def test_missing_prediction_is_an_error_naming_it(pred_gt, capsys, tmp_path):
+    pred, gt = pred_gt
+    rc = main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no prediction for ground-truth case" in err and err.count("\n") == 1
+
+
+def _rows(values, case_prefix="c"):
+    return [{"case": f"{case_prefix}{i}", "slice": 0, "structure": s, "dice": v, "iou": v, "ppv": v,
+             "sensitivity": v, "hd": 1 - v, "hd95": 1 - v, "absent_both": False}
+            for i, v in enumerate(values) for s in ("vertebral_body", "vertebral_foramen", "lamina")]
+
+
+def test_paired_tests_and_slice_set_check():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.8, 0.9, 30)
+    b = a + 0.05 + rng.normal(0, 0.005, 30)
+    x, y = paired_values(_rows(a), _rows(b), "lamina", "dice")
+    t = paired_tests(x, y)
+    assert t["t_p"] < 1e-6 and t["wilcoxon_p"] < 1e-4 and t["mean_diff"] < 0
+    same = paired_tests(x, x)
+    assert same["t_p"] == 1.0
+    with pytest.raises(SpinesegError, match="different test slices"):
+        paired_values(_rows(a), _rows(b[:29]), "lamina", "dice")
+
+
+def test_holm():
+    adj = holm([0.01, 0.04, 0.03, None])
+    assert adj[:3] == pytest.approx([0.03, 0.06, 0.06]) and adj[3] is None  # step-down, monotone
+
+
+def test_compare_marks_best_and_significance():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.7, 0.8, 25)
+    runs = [("unet", _rows(base)), ("spineseg", _rows(base + 0.1 + rng.normal(0, 0.01, 25)))]
+    res = compare_runs(runs, reference="spineseg")
+    assert res["cells"][("spineseg", "lamina", "dice")].get("best")
+    assert res["cells"][("spineseg", "lamina", "hd95")].get("best")  # lower is better
+    assert res["cells"][("unet", "lamina", "dice")]["p"] < 0.05
+    md = render_tables(res)["md"]
+    assert "### Ablation: Dice (%)" in md and "| unet |" in md and "*" in md
+
+
+def test_error_overlay_colours():
+    img = np.zeros((10, 10))
+    gt = np.zeros((10, 10), np.uint8)
+    pred = np.zeros((10, 10), np.uint8)
+    gt[2:5, 2:5] = 1
+    pred[3:6, 3:6] = 1
+    rgb = error_overlay(img, pred, gt, alpha=1.0)
+    assert tuple(rgb[5, 5]) == FP_COLOR and tuple(rgb[2, 2]) == FN_COLOR
+    assert tuple(rgb[3, 3]) != FP_COLOR and rgb[3, 3, 2] > rgb[3, 3, 0]  # TP in the body colour (blue)
+
+
+def test_nnunet_export_and_import(small_phantom, tmp_path):
+    from spineseg.data.splits import kfold_splits
+    from spineseg.io.layouts import load_dataset
+    from spineseg.io.nnunet import export_nnunet, import_nnunet
+
+    splits = kfold_splits(load_dataset(small_phantom))
+    folder = export_nnunet(small_phantom, tmp_path / "raw", splits, 502, "Test")
+    assert folder.name == "Dataset502_Test"
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["numTraining"] == 16 and meta["labels"]["lamina"] == 3
+    nn = json.loads((folder / "splits_final.json").read_text())
+    assert len(nn) == 5
+    pat = lambda ids: {i.split("_")[0] for i in ids}  # noqa: E731
+    for s, o in zip(nn, splits):
+        assert not (pat(s["train"]) & pat(s["val"])) and sorted(s["val"]) == sorted(o["test"])
+    img = read_label(folder / "labelsTr" / "P000_00.nii.gz")
+    assert img.spacing == pytest.approx((1.5625, 1.5625))
+    # nnU-Net's predictions come back as {case}.nii.gz
+    preds = tmp_path / "nnpred"
+    preds.mkdir()
+    for f in sorted((folder / "labelsTr").iterdir())[:3]:
+        shutil.copy(f, preds / f.name)
+    run = import_nnunet(preds, tmp_path / "nnrun")
+    assert len(list((run / "pred").iterdir())) == 3 and json.loads((run / "run.json").read_text())["name"] == "nnunet"
+    rows = evaluate_folders(run / "pred", small_phantom, cases=[f.name[:-7] for f in sorted(preds.iterdir())])
+    assert all(r["dice"] == pytest.approx(1.0) for r in rows)
+
+
+def test_nnunet_verify_dataset_integrity(small_phantom, tmp_path):
+    pytest.importorskip("nnunetv2")
+    import os
+    import subprocess
+
+    from spineseg.io.nnunet import export_nnunet
+
+    export_nnunet(small_phantom, tmp_path / "raw", None, 503, "Verify")
+    env = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
+               nnUNet_results=str(tmp_path / "res"))
+    r = subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", "503", "--verify_dataset_integrity", "-c", "2d",
+                        "-np", "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
