@@ -130,13 +130,18 @@ def test_nnunet_export_and_import(small_phantom, tmp_path):
 def test_nnunet_verify_dataset_integrity(small_phantom, tmp_path):
     pytest.importorskip("nnunetv2")
     import os
+    import shutil as sh
     import subprocess
+    import sys
+    from pathlib import Path
 
     from spineseg.io.nnunet import export_nnunet
 
     export_nnunet(small_phantom, tmp_path / "raw", None, 503, "Verify")
     env = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
                nnUNet_results=str(tmp_path / "res"))
-    r = subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", "503", "--verify_dataset_integrity", "-c", "2d",
+    exe = Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"
+    exe = str(exe) if exe.exists() else sh.which("nnUNetv2_plan_and_preprocess")
+    r = subprocess.run([exe, "-d", "503", "--verify_dataset_integrity", "-c", "2d",
                         "-np", "1"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -18,7 +18,7 @@ def cmd_phantom(a) -> int:
 
     out = write_phantom_dataset(a.out, a.patients, a.slices_per_patient, size=a.size, spacing=a.spacing,
                                 seed=a.seed, contrast=a.contrast, preview=a.preview, overwrite=a.overwrite,
-                                progress=not a.quiet)
+                                progress=not a.quiet, randomize=a.randomize)
     print(f"wrote {a.patients * a.slices_per_patient} slices of {a.patients} virtual patients to {out}")
     if a.preview:
         print(f"preview: {a.preview}")
@@ -141,6 +141,36 @@ def cmd_nnunet(a) -> int:
     return 0
 
 
+def cmd_sanity(a) -> int:
+    from .eval.sanity import sanity_report
+    from .infer.predict import Predictor
+    from .io.images import case_stem, read_image
+
+    pred = Predictor(a.model)
+    img = read_image(a.input, spacing=a.spacing)
+    labels = pred.predict_volume(img)
+    out = Path(a.out) if a.out else Path("runs") / "sanity" / case_stem(a.input)
+    slices = None
+    if a.slices:
+        lo, hi = (int(x) for x in a.slices.split(":"))
+        slices = range(lo, min(hi, img.num_slices))
+    rep = sanity_report(img, labels, out, slices)
+    for r in rep["rows"]:
+        if not r["passed"]:
+            print(f"  slice {r['slice']}: {r['reason']}")
+    print(f"{rep['passed']}/{rep['slices']} slices pass ({100 * rep['fraction']:.1f} %); "
+          f"wrote {out / 'sanity.csv'} and {out / 'montage.png'}")
+    return 0
+
+
+def cmd_pack(a) -> int:
+    from .train.loop import pack_checkpoint
+
+    dst = pack_checkpoint(a.model, a.out, half=not a.float32)
+    print(f"wrote {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def cmd_bench(a) -> int:
     from .bench import attention_benchmark
 
@@ -166,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--contrast", default="t2", help="t2 (default), t2fs, water, fat, t1, random or mixed")
     s.add_argument("--preview", help="write a PNG grid of slices with label outlines")
+    s.add_argument("--randomize", action="store_true",
+                   help="domain randomisation per slice: contrast, field of view 180-420 mm, pixel size, blur, noise, "
+                        "bias, spine position (overrides --size, --spacing, --contrast)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_phantom)
@@ -209,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("predict", help="segment images with a trained model")
-    s.add_argument("--model", required=True, help="checkpoint (RUN/best.pt)")
+    s.add_argument("--model", required=True, help="checkpoint (RUN/best.pt), or 'pretrained'")
     s.add_argument("--input", required=True, nargs="+", help="NIfTI / MHA / DICOM series folder / PNG, or folders")
     s.add_argument("--out", required=True)
     s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
@@ -266,6 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--name", default="nnunet")
     i.add_argument("--overwrite", action="store_true")
     i.set_defaults(func=cmd_nnunet)
+
+    s = sub.add_parser("sanity", help="anatomical plausibility of predictions on an unlabelled volume")
+    s.add_argument("--model", required=True, help="checkpoint, or 'pretrained'")
+    s.add_argument("--input", required=True)
+    s.add_argument("--out", help="folder for sanity.csv and montage.png (default runs/sanity/NAME)")
+    s.add_argument("--slices", help="only slices a:b")
+    s.add_argument("--spacing", type=float, default=None)
+    s.set_defaults(func=cmd_sanity)
+
+    s = sub.add_parser("pack", help="write a small inference-only copy of a checkpoint (float16 weights)")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--float32", action="store_true")
+    s.set_defaults(func=cmd_pack)
 
     s = sub.add_parser("bench", help="benchmarks")
     s.add_argument("what", choices=["attention"])

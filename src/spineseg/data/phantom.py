@@ -218,7 +218,7 @@ def _fit_canal(lp, pos, rng_prot):
     return float(a), float(a * lp["canal_aspect"])
 
 
-def _slice_anatomy(seed, patient, k, size, spacing):
+def _slice_anatomy(seed, patient, k, size, spacing, offset=(0.0, 0.0)):
     pp = _patient_params(seed, patient)
     level = int(pp["levels"][k % 5])
     lp = _level_params(seed, patient, level, pp)
@@ -239,8 +239,8 @@ def _slice_anatomy(seed, patient, k, size, spacing):
     X, Y = np.meshgrid(xs, ys)  # X: + patient left (image right); Y: + posterior (image down)
 
     # spine frame: canal centre, axial rotation, obliquity (AP stretch)
-    x0 = float(r.uniform(-10, 10))
-    y0 = float(r.uniform(8, 22))
+    x0 = float(r.uniform(-10, 10)) + offset[0]
+    y0 = float(r.uniform(8, 22)) + offset[1]
     theta = float(np.deg2rad(np.clip(pp["rot_bias"] + r.normal(0, 4), -15, 15)))
     tilt = float(1.0 / np.cos(np.deg2rad(r.uniform(0, 12))))
     c, s = np.cos(theta), np.sin(theta)
@@ -511,13 +511,46 @@ def _render(T, rng, sc, pp, contrast, spacing):
     return img
 
 
+RANDOM_CONTRASTS = ("t2", "t2fs", "water", "fat", "t1", "random")
+RANDOM_CONTRAST_P = (0.25, 0.1, 0.2, 0.1, 0.15, 0.2)
+
+
+def randomization(seed: int, patient: int, k: int) -> dict:
+    """Per-slice domain randomisation (SynthSeg-style): contrast, field of view, pixel size, blur, noise, bias."""
+    r = _rng(seed, patient, 9000 + k)
+    fov = float(r.uniform(180, 420))
+    spacing = float(r.uniform(0.4, 1.2))
+    size = int(np.clip(round(fov / spacing / 16) * 16, 128, 768))
+    half = size * spacing / 2
+    room = max(0.0, half - 90.0)  # keep the spine well inside the image
+    return {
+        "contrast": str(r.choice(RANDOM_CONTRASTS, p=RANDOM_CONTRAST_P)),
+        "size": size, "spacing": round(spacing, 4),
+        "offset": (float(r.uniform(-1, 1) * min(room, 25)), float(r.uniform(-0.4, 1) * min(room, 45))),
+        "scanner": {"psf": float(r.uniform(0.4, 2.2)), "snr": float(r.uniform(6, 40)), "bias": float(r.uniform(0, 0.4)),
+                    "gibbs": bool(r.random() < 0.3), "ghost": bool(r.random() < 0.2)},
+    }
+
+
 def phantom_slice(seed: int, patient: int, k: int, size: int = 512, spacing: float = 0.3906,
-                  contrast: str = "t2") -> PhantomSlice:
-    """Slice ``k`` of virtual patient ``patient``: deterministic in (seed, patient, k, size, spacing, contrast)."""
-    T, L, meta, pp = _slice_anatomy(seed, patient, k, size, spacing)
+                  contrast: str = "t2", randomize: bool = False) -> PhantomSlice:
+    """Slice ``k`` of virtual patient ``patient``: deterministic in all arguments.
+
+    With ``randomize`` the contrast, matrix size, pixel spacing (field of view 180-420 mm), spine
+    position, blur, noise and bias come from :func:`randomization` and ``size`` / ``spacing`` /
+    ``contrast`` are ignored.
+    """
+    offset = (0.0, 0.0)
+    rz = None
+    if randomize:
+        rz = randomization(seed, patient, k)
+        size, spacing, contrast, offset = rz["size"], rz["spacing"], rz["contrast"], rz["offset"]
+    T, L, meta, pp = _slice_anatomy(seed, patient, k, size, spacing, offset)
     sc = _scanner_params(seed, pp["scanner"])
+    if rz is not None:
+        sc.update(rz["scanner"])
     rng = _rng(seed, patient, 5000 + k)
     img = _render(T, rng, sc, pp, contrast, spacing)
     img = np.clip(img * sc["gain"], 0, 32000).astype(np.int16)
-    meta = dict(meta, contrast=contrast, snr=round(sc["snr"], 1))
+    meta = dict(meta, contrast=contrast, snr=round(sc["snr"], 1), size=size, spacing=spacing)
     return PhantomSlice(img, L, T, (spacing, spacing), meta)

@@ -33,7 +33,8 @@ def dataset_json(num_training: int, name: str = "spineseg-phantom") -> dict:
 
 def write_phantom_dataset(out: str | Path, patients: int, slices_per_patient: int, size: int = 512,
                           spacing: float = 0.3906, seed: int = 0, contrast: str = "t2",
-                          preview: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+                          preview: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+                          randomize: bool = False) -> Path:
     if patients < 1 or slices_per_patient < 1:
         raise SpinesegError("--patients and --slices-per-patient must be at least 1")
     if size < 64 or size > 2048:
@@ -52,13 +53,13 @@ def write_phantom_dataset(out: str | Path, patients: int, slices_per_patient: in
         (tmp / "labelsTr").mkdir()
         for p, k in tqdm(jobs, desc="phantom", unit="slice", disable=not progress):
             c = contrast if contrast != "mixed" else (CONTRASTS + ("random",))[(p * 7 + k) % 6]
-            s = phantom_slice(seed, p, k, size=size, spacing=spacing, contrast=c)
+            s = phantom_slice(seed, p, k, size=size, spacing=spacing, contrast=c, randomize=randomize)
             cid = case_id(p, k)
             save_slice_nifti(tmp / "imagesTr" / f"{cid}_0000.nii.gz", s.image, s.spacing, 4.0)
             save_slice_nifti(tmp / "labelsTr" / f"{cid}.nii.gz", s.label, s.spacing, 4.0)
             m = s.meta
             rows.append([cid, f"P{p:03d}", m["level"], m["position"], int(m["stenosis"]), int(m["protrusion"]),
-                         int(m["modic"]), int(m["osteophytes"]), c, spacing, size])
+                         int(m["modic"]), int(m["osteophytes"]), m["contrast"], m["spacing"], m["size"]])
             if preview is not None and len(prev) < 12 and k < 3:
                 prev.append((s.image, s.label, f"{cid} {m['level']} {m['position']}"))
         atomic_write_text(tmp / "dataset.json", json.dumps(dataset_json(len(jobs)), indent=2) + "\n")
@@ -68,7 +69,8 @@ def write_phantom_dataset(out: str | Path, patients: int, slices_per_patient: in
         w.writerows(rows)
         atomic_write_text(tmp / "cases.csv", buf.getvalue())
         meta = {"generator": "spineseg.phantom", "seed": seed, "patients": patients,
-                "slices_per_patient": slices_per_patient, "size": size, "spacing": spacing, "contrast": contrast}
+                "slices_per_patient": slices_per_patient, "size": size, "spacing": spacing, "contrast": contrast,
+                "randomize": randomize}
         atomic_write_text(tmp / "phantom.json", json.dumps(meta, indent=2) + "\n")
     if preview is not None:
         from ..io.preview import preview_grid

@@ -15,10 +15,26 @@ from ..io.layouts import collect_inputs
 from ..preprocess.pipeline import PreprocessConfig, preprocess_slice, probabilities_to_labels
 
 
+PRETRAINED = "pretrained"
+
+
+def resolve_checkpoint(name: str | Path) -> Path:
+    """``pretrained`` names the small phantom-trained model shipped inside the package."""
+    if str(name) == PRETRAINED:
+        from importlib import resources
+
+        p = Path(str(resources.files("spineseg") / "pretrained" / "spineseg-phantom.pt"))
+        if not p.exists():
+            raise SpinesegError("the pretrained model is not installed with this package", p)
+        return p
+    return Path(name)
+
+
 class Predictor:
     def __init__(self, checkpoint: str | Path, device: str = "auto", threads: int | None = 2):
         from ..train.loop import load_checkpoint, model_from_config, pick_device
 
+        checkpoint = resolve_checkpoint(checkpoint)
         self.device = pick_device(device)
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(threads)

@@ -27,6 +27,8 @@ class PreprocessConfig:
     roi: bool = True  # automatic ROI (Otsu on the body outline) with a context margin
     roi_margin_mm: float = 10.0
     target_spacing: float | None = None  # None: paper behaviour (fit ROI to target_size); else mm per pixel
+    posterior_shift: float = 0.0  # when the ROI exceeds the window, centre it this fraction of the ROI height
+    #                               behind the ROI centre (the spine lies in the posterior half of the body)
     zscore: bool = True
 
     @classmethod
@@ -140,9 +142,11 @@ def plan_geometry(shape, spacing, crop, cfg: PreprocessConfig) -> Geometry:
     else:
         rh = max(1, int(round(h * spacing[0] / cfg.target_spacing)))
         rw = max(1, int(round(w * spacing[1] / cfg.target_spacing)))
-    # keep a centred window of at most S x S of the resized ROI, and centre it in the output
+    # keep a window of at most S x S of the resized ROI (centred, or shifted posteriorly), centred in the output
     kh, kw = min(rh, S), min(rw, S)
     wr0, wc0 = (rh - kh) // 2, (rw - kw) // 2
+    if rh > S and cfg.posterior_shift:
+        wr0 = int(min(rh - kh, wr0 + round(cfg.posterior_shift * rh)))
     return Geometry(tuple(int(x) for x in shape), tuple(float(x) for x in spacing),
                     tuple(int(x) for x in (r0, r1, c0, c1)), (rh, rw), (wr0, wr0 + kh, wc0, wc0 + kw),
                     ((S - kh) // 2, (S - kw) // 2), int(S))
@@ -156,6 +160,25 @@ def forward_geometry(arr: np.ndarray, g: Geometry, order: int, fill=0) -> np.nda
     out = np.full((g.out_size, g.out_size), fill, dtype=arr.dtype)
     orr, oc = g.offset
     out[orr:orr + wr1 - wr0, oc:oc + wc1 - wc0] = roi[wr0:wr1, wc0:wc1]
+    return out
+
+
+def forward_labels(label: np.ndarray, g: Geometry, num_classes: int = 4) -> np.ndarray:
+    """Label map onto the network grid: one-hot, anti-aliased linear resampling, argmax (keeps thin structures)."""
+    r0, r1, c0, c1 = g.crop
+    if tuple(g.resized_shape) == (r1 - r0, c1 - c0):
+        return forward_geometry(label, g, order=0)
+    from skimage.transform import resize
+
+    roi = label[r0:r1, c0:c1]
+    down = g.resized_shape[0] < (r1 - r0)
+    probs = np.stack([resize((roi == k).astype(np.float32), g.resized_shape, order=1, mode="edge",
+                             anti_aliasing=down, preserve_range=True) for k in range(num_classes)])
+    resized = probs.argmax(0).astype(np.uint8)
+    wr0, wr1, wc0, wc1 = g.window
+    out = np.zeros((g.out_size, g.out_size), np.uint8)
+    orr, oc = g.offset
+    out[orr:orr + wr1 - wr0, oc:oc + wc1 - wc0] = resized[wr0:wr1, wc0:wc1]
     return out
 
 
@@ -210,7 +233,7 @@ def preprocess_slice(img: np.ndarray, spacing: tuple[float, float], cfg: Preproc
     if cfg.zscore:
         vals = out[valid]
         out = np.where(valid, (out - vals.mean()) / (vals.std() + 1e-6), 0.0).astype(np.float32)
-    lab = None if label is None else forward_geometry(np.asarray(label, np.uint8), g, order=0)
+    lab = None if label is None else forward_labels(np.asarray(label, np.uint8), g)
     return out.astype(np.float32), lab, g
 
 

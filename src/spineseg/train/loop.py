@@ -55,6 +55,16 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise SpinesegError(f"not a readable spineseg checkpoint ({type(exc).__name__})", path) from None
 
 
+def pack_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> Path:
+    """A small inference-only copy: weights (optionally float16), config, preprocessing, version."""
+    ck = load_checkpoint(src)
+    weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ck["model"].items()}
+    slim = {"model": weights, "config": ck["config"], "preprocess": ck["preprocess"], "version": ck["version"],
+            "model_name": ck.get("model_name"), "epoch": ck.get("epoch"), "best": ck.get("best")}
+    save_checkpoint(Path(dst), slim)
+    return Path(dst)
+
+
 def dice_per_structure(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     """Per-slice Dice for each foreground class; NaN where a structure is absent from both."""
     out = np.full((pred.shape[0], NUM_CLASSES - 1), np.nan)
