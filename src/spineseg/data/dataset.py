@@ -32,33 +32,24 @@ def prepare_slices(cases: list[Case], cfg: PreprocessConfig, cache: PreprocessCa
 
     out: list[SliceRecord] = []
     for case in tqdm(cases, desc="preprocess", unit="case", disable=not progress):
-        img = lab = None
-        n = None
-        if cache is None:
-            img = read_image(case.image, spacing=spacing)
-            n = img.num_slices
-        else:
-            # a single-slice file needs no read when the cache has it
-            key0 = cache.key(case.image, case.label, 0, cfg)
-            hit = cache.get(key0)
-            if hit is not None and _single_slice(case.image):
-                out.append(SliceRecord(case.case_id, case.patient, 0, hit[0], hit[1], hit[2]))
+        if cache is not None and _single_slice(case.image):
+            hit = cache.get(cache.key(case.image, case.label, 0, cfg))
+            if hit is not None:  # a cached single-slice case needs no read at all
+                out.append(SliceRecord(case.case_id, case.patient, 0, *hit))
                 continue
-            img = read_image(case.image, spacing=spacing)
-            n = img.num_slices
+        img = read_image(case.image, spacing=spacing)
+        lab = None
         if case.label is not None:
             lab = read_label(case.label, spacing=spacing)
             check_pair(img, lab)
-        for i in range(n):
+        for i in range(img.num_slices):
             key = cache.key(case.image, case.label, i, cfg) if cache is not None else None
-            hit = cache.get(key) if cache is not None else None
+            hit = cache.get(key) if key is not None else None
             if hit is None:
-                x, y, g = preprocess_slice(img.data[i], img.spacing, cfg, None if lab is None else lab.data[i])
-                if cache is not None:
-                    cache.put(key, x, y, g)
-            else:
-                x, y, g = hit
-            out.append(SliceRecord(case.case_id, case.patient, i, x, y, g))
+                hit = preprocess_slice(img.data[i], img.spacing, cfg, None if lab is None else lab.data[i])
+                if key is not None:
+                    cache.put(key, *hit)
+            out.append(SliceRecord(case.case_id, case.patient, i, *hit))
     return out
 
 

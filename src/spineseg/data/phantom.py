@@ -326,8 +326,8 @@ def _slice_anatomy(seed, patient, k, size, spacing, offset=(0.0, 0.0)):
     body = _body_shape(u, v, body_cy, a_b, b_bd, lp["body_p"], lp["concav"])
     if pp["osteophytes"] and level >= 2:
         for side in (-1, 1):
-            ang = r.uniform(0.25, 0.9) * np.pi
-            ox, oy = side * a_b * np.cos(ang - np.pi / 2) * 0 + side * a_b * 0.92, body_cy - b_bd * r.uniform(0.1, 0.7)
+            r.uniform()  # an unused draw, kept so that existing seeds reproduce their data sets
+            ox, oy = side * a_b * 0.92, body_cy - b_bd * r.uniform(0.1, 0.7)
             body |= _ellipse(u, v, ox, oy, r.uniform(2, 4), r.uniform(1.5, 3), side * 0.6)
     marrow = _body_shape(u, v, body_cy, a_b, b_bd, lp["body_p"], lp["concav"], shrink=r.uniform(1.0, 2.0))
     T[body] = CORTEX
