@@ -76,12 +76,12 @@ def test_one_step_lowers_supervised_loss():
     y[:, 50:55, 5:60] = 3
     loss_fn = SegLoss()
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-    before = float(loss_fn(m(x), y))
+    before = loss_fn(m(x), y).item()
     for _ in range(3):
         opt.zero_grad()
         loss_fn(m(x), y).backward()
         opt.step()
-    assert float(loss_fn(m(x), y)) < before
+    assert loss_fn(m(x), y).item() < before
 
 
 def test_gradient_penalty_finite_and_positive():
