@@ -85,3 +85,29 @@ def test_unknown_model_and_bad_config(tmp_path, small_phantom, capsys):
     rc = main(["train", "--data", str(small_phantom), "--model", "unet", "--config", str(tmp_path / "c.yaml"),
                "--out", str(tmp_path / "r")])
     assert rc == 2 and "nonsense" in capsys.readouterr().err
+
+
+def test_keep_largest_components():
+    from spineseg.infer.predict import keep_largest_components
+
+    lab = np.zeros((20, 20), np.uint8)
+    lab[2:8, 2:8] = 1
+    lab[15:17, 15:17] = 1  # a stray fragment
+    lab[10:12, 2:12] = 3
+    out = keep_largest_components(lab)
+    assert (out == 1).sum() == 36 and out[16, 16] == 0 and (out == 3).sum() == 20
+
+
+def test_predict_postprocess_option(run, small_phantom, tmp_path):
+    img = read_image(sorted((small_phantom / "imagesTr").iterdir())[1])
+    raw = Predictor(run / "best.pt", postprocess="none").predict_volume(img)
+    pp = Predictor(run / "best.pt").predict_volume(img)
+    from scipy import ndimage as ndi
+
+    for k in (1, 2, 3):
+        assert ndi.label(pp[0] == k, structure=np.ones((3, 3)))[1] <= 1
+        assert ((pp[0] == k) & (raw[0] != k)).sum() == 0  # post-processing only removes
+    from spineseg.errors import SpinesegError
+
+    with pytest.raises(SpinesegError):
+        Predictor(run / "best.pt", postprocess="bogus")

@@ -103,5 +103,9 @@ def test_sanity_command_on_real_volumes(realdata, tmp_path, capsys):
         out = tmp_path / name
         assert main(["sanity", "--model", "pretrained", "--input",
                      str(realdata / f"{name}_water_img_img_L2-L5.nii.gz"), "--out", str(out)]) == 0
-        assert len((out / "sanity.csv").read_text().splitlines()) == 30
+        lines = (out / "sanity.csv").read_text().splitlines()
+        assert len(lines) == 30
+        passed = sum(line.split(",")[1] == "True" for line in lines[1:])
+        # the shipped model passed 29/29 (TUM01) and 27/29 (TUM02) when it was packed; guard against regressions
+        assert passed >= 25, (name, passed)
         assert "slices pass" in capsys.readouterr().out

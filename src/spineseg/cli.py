@@ -85,7 +85,7 @@ def cmd_predict(a) -> int:
     from .infer.predict import predict_paths
 
     written, errors = predict_paths(a.model, a.input, a.out, spacing=a.spacing, device=a.device,
-                                    overlays=not a.no_overlays, progress=not a.quiet)
+                                    overlays=not a.no_overlays, progress=not a.quiet, postprocess=a.postprocess)
     print(f"wrote {len(written)} label maps to {a.out}" + (f"; {len(errors)} inputs failed" if errors else ""))
     return 2 if errors else 0
 
@@ -117,7 +117,7 @@ def cmd_experiment(a) -> int:
     folds = [int(f) for f in a.folds.split(",")]
     run_experiment(a.data, models, a.out, split=a.split, folds=folds, budget_minutes=a.budget_minutes,
                    epochs=a.epochs, config=a.config, seed=a.seed, reference=a.reference, progress=not a.quiet,
-                   argv=sys.argv[1:])
+                   argv=sys.argv[1:], postprocess=a.postprocess)
     return 0
 
 
@@ -146,7 +146,7 @@ def cmd_sanity(a) -> int:
     from .infer.predict import Predictor
     from .io.images import case_stem, read_image
 
-    pred = Predictor(a.model)
+    pred = Predictor(a.model, postprocess=a.postprocess)
     img = read_image(a.input, spacing=a.spacing)
     labels = pred.predict_volume(img)
     out = Path(a.out) if a.out else Path("runs") / "sanity" / case_stem(a.input)
@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--no-overlays", action="store_true")
+    s.add_argument("--postprocess", choices=["largest", "none"], default="largest",
+                   help="keep the largest connected region of each structure (default) or nothing")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_predict)
 
@@ -278,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--epochs", type=int, help="equal number of epochs per model")
     s.add_argument("--config", default="cpu-quick")
     s.add_argument("--reference", help="row the p-values refer to (default: spineseg if present, else the last)")
+    s.add_argument("--postprocess", choices=["largest", "none"], default="largest",
+                   help="keep the largest connected region of each structure (default) or nothing")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.add_argument("--quiet", action="store_true")
@@ -305,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", required=True)
     s.add_argument("--out", help="folder for sanity.csv and montage.png (default runs/sanity/NAME)")
     s.add_argument("--slices", help="only slices a:b")
+    s.add_argument("--postprocess", choices=["largest", "none"], default="largest",
+                   help="keep the largest connected region of each structure (default) or nothing")
     s.add_argument("--spacing", type=float, default=None)
     s.set_defaults(func=cmd_sanity)
 

@@ -33,7 +33,7 @@ def _log(msg: str) -> None:
 
 def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,), budget_minutes: float | None = None,
                    epochs: int | None = None, config: str = "cpu-quick", seed: int = 0, reference: str | None = None,
-                   progress: bool = True, argv: list[str] | None = None) -> Path:
+                   progress: bool = True, argv: list[str] | None = None, postprocess: str = "largest") -> Path:
     from .eval.compare import write_comparison
     from .eval.evaluate import evaluate_folders, write_reports
     from .infer.predict import Predictor
@@ -57,7 +57,7 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
         write_splits(split_path, splits)
     meta = {"command": "spineseg " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])), "data": str(Path(data).resolve()),
             "models": models, "split": split, "folds": list(folds), "budget_minutes": budget_minutes, "epochs": epochs,
-            "config": config, "seed": seed}
+            "config": config, "seed": seed, "postprocess": postprocess}
     phantom = Path(data) / "phantom.json"
     if phantom.exists():
         meta["phantom"] = json.loads(phantom.read_text())
@@ -90,7 +90,7 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
             pred_dir = run / "pred"
             if not (pred_dir / ".complete").exists():
                 _log(f"[{m} fold {k}] predicting {len(test_ids)} test cases")
-                predictor = Predictor(run / "best.pt")
+                predictor = Predictor(run / "best.pt", postprocess=postprocess)
                 pred_dir.mkdir(parents=True, exist_ok=True)
                 for cid in test_ids:
                     img = read_image(by_id[cid].image)

@@ -512,7 +512,7 @@ def _render(T, rng, sc, pp, contrast, spacing):
 
 
 RANDOM_CONTRASTS = ("t2", "t2fs", "water", "fat", "t1", "random")
-RANDOM_CONTRAST_P = (0.25, 0.1, 0.2, 0.1, 0.15, 0.2)
+RANDOM_CONTRAST_P = (0.3, 0.1, 0.2, 0.1, 0.2, 0.1)
 
 
 def randomization(seed: int, patient: int, k: int) -> dict:

@@ -30,10 +30,30 @@ def resolve_checkpoint(name: str | Path) -> Path:
     return Path(name)
 
 
+POSTPROCESS = ("largest", "none")
+
+
+def keep_largest_components(labels: np.ndarray) -> np.ndarray:
+    """Per structure, keep only its largest 8-connected region (nnU-Net's 'remove all but the largest')."""
+    from scipy import ndimage as ndi
+
+    out = labels.copy()
+    for k in range(1, NUM_CLASSES):
+        comp, n = ndi.label(labels == k, structure=np.ones((3, 3)))
+        if n > 1:
+            sizes = ndi.sum(np.ones_like(comp), comp, index=np.arange(1, n + 1))
+            out[(comp > 0) & (comp != 1 + int(np.argmax(sizes)))] = 0
+    return out
+
+
 class Predictor:
-    def __init__(self, checkpoint: str | Path, device: str = "auto", threads: int | None = 2):
+    def __init__(self, checkpoint: str | Path, device: str = "auto", threads: int | None = 2,
+                 postprocess: str = "largest"):
         from ..train.loop import load_checkpoint, model_from_config, pick_device
 
+        if postprocess not in POSTPROCESS:
+            raise SpinesegError(f"postprocess must be one of {POSTPROCESS}")
+        self.postprocess = postprocess
         checkpoint = resolve_checkpoint(checkpoint)
         self.device = pick_device(device)
         if self.device.type == "cpu" and threads:
@@ -53,7 +73,8 @@ class Predictor:
 
     def predict_slice(self, img2d: np.ndarray, spacing) -> np.ndarray:
         x, _, g = preprocess_slice(img2d, spacing, self.pp)
-        return probabilities_to_labels(self.probabilities(x), g)
+        labels = probabilities_to_labels(self.probabilities(x), g)
+        return keep_largest_components(labels) if self.postprocess == "largest" else labels
 
     def predict_volume(self, image) -> np.ndarray:
         return np.stack([self.predict_slice(image.data[i], image.spacing) for i in range(image.num_slices)])
@@ -74,11 +95,11 @@ def overlay_png(path: Path, image: np.ndarray, labels: np.ndarray, max_slices: i
 
 
 def predict_paths(checkpoint, inputs, out, spacing: float | None = None, device: str = "auto",
-                  overlays: bool = True, progress: bool = True) -> tuple[list[Path], list[str]]:
+                  overlays: bool = True, progress: bool = True, postprocess: str = "largest") -> tuple[list[Path], list[str]]:
     """Predict every input; a bad input is reported and skipped. Returns (written files, error lines)."""
     from tqdm import tqdm
 
-    pred = Predictor(checkpoint, device)
+    pred = Predictor(checkpoint, device, postprocess=postprocess)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written, errors = [], []
