@@ -17,7 +17,7 @@ def main():
     py = sys.executable
     subprocess.run([py, str(here / "bench_phantom.py"), "--json", str(out / "phantom.json")], check=True)
     subprocess.run([py, "-m", "spineseg.cli", "bench", "attention", "--json", str(out / "attention.json")], check=True)
-    subprocess.run([py, str(here / "bench_inference.py"), "--json", str(out / "inference.json")], check=True)
+    subprocess.run([py, str(here / "bench_inference.py"), "--repeats", "11", "--json", str(out / "inference.json")], check=True)
 
 
 if __name__ == "__main__":
