@@ -35,7 +35,7 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
                    epochs: int | None = None, config: str = "cpu-quick", seed: int = 0, reference: str | None = None,
                    progress: bool = True, argv: list[str] | None = None, postprocess: str = "largest") -> Path:
     from .eval.compare import write_comparison
-    from .eval.evaluate import evaluate_folders, write_reports
+    from .eval.evaluate import evaluate_folders, read_per_slice, write_reports
     from .infer.predict import Predictor
     from .io.images import read_image, write_labels_like
     from .train.loop import Trainer
@@ -110,8 +110,6 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
     for m in models:
         d = cmp_dir / "models" / m
         rows = []
-        from .eval.evaluate import read_per_slice
-
         for i, ev in enumerate(eval_dirs[m]):
             for r in read_per_slice(ev / "per_slice.csv"):
                 r["case"] = f"f{folds[i]}:{r['case']}" if len(folds) > 1 else r["case"]
