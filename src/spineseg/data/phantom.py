@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..preprocess.morphology import largest_component
+
 LEVELS = ("L1", "L2", "L3", "L4", "L5")
 POSITIONS = ("pedicle", "infrapedicular", "disc")
 CONTRASTS = ("t2", "t2fs", "water", "fat", "t1")
@@ -188,7 +190,7 @@ def _level_params(seed: int, patient: int, level: int, pp: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------- anatomy
 
-def _canal_masks(u, v, a, b, s, lp, pos, rng_prot):
+def _canal_masks(u, v, a, b, s, lp):
     """Canal sub-structures in the spine frame: returns dict of boolean masks."""
     canal = _canal_shape(u, v, a, b, s)
     t_lf = lp["lf_t"]
@@ -205,7 +207,7 @@ def _canal_masks(u, v, a, b, s, lp, pos, rng_prot):
     return {"canal": canal, "lf": lf, "pll": pll, "prot": prot, "label": label, "sac": sac}
 
 
-def _fit_canal(lp, pos, rng_prot):
+def _fit_canal(lp):
     """Choose canal semi-axes so that the labelled canal area hits its sampled target (two Newton steps)."""
     g = np.arange(-25, 25, 0.2)
     U, V = np.meshgrid(g, g)
@@ -213,7 +215,7 @@ def _fit_canal(lp, pos, rng_prot):
     a = np.sqrt(target / (np.pi * lp["canal_aspect"]))
     for _ in range(3):
         b = a * lp["canal_aspect"]
-        area = _canal_masks(U, V, a, b, lp["canal_s"], lp, pos, rng_prot)["label"].sum() * 0.04
+        area = _canal_masks(U, V, a, b, lp["canal_s"], lp)["label"].sum() * 0.04
         a *= np.sqrt(target / max(area, 1.0)) ** 0.9
     return float(a), float(a * lp["canal_aspect"])
 
@@ -231,7 +233,7 @@ def _slice_anatomy(seed, patient, k, size, spacing, offset=(0.0, 0.0)):
     if lp["stenosis"]:
         lp.update(canal_area=float(r.uniform(50, 85)), canal_aspect=float(r.uniform(0.4, 0.55)),
                   canal_s=1.0, lf_t=float(r.uniform(3.5, 5.0)), protrusion=False)
-    a_c, b_c = _fit_canal(lp, pos, r)
+    a_c, b_c = _fit_canal(lp)
 
     H = W = size
     ys = (np.arange(H) - (H - 1) / 2) * spacing
@@ -413,7 +415,7 @@ def _slice_anatomy(seed, patient, k, size, spacing, offset=(0.0, 0.0)):
             L[bar & (L == 3)] = 3
 
     # canal contents last: they win over bone at the shared borders
-    cm = _canal_masks(u, v, a_c, b_c, lp["canal_s"], lp, pos, r)
+    cm = _canal_masks(u, v, a_c, b_c, lp["canal_s"], lp)
     T[cm["canal"]] = EPIFAT
     T[cm["sac"]] = CSF
     T[cm["lf"] | cm["pll"]] = LIGAMENT
@@ -430,12 +432,9 @@ def _slice_anatomy(seed, patient, k, size, spacing, offset=(0.0, 0.0)):
     L[cm["label"]] = 2
     # the bony ring of a disc-level slice must stay one piece: detached fragments become annulus
     if pos == "disc":
-        comp, n = ndi.label(L == 1)
-        if n > 1:
-            keep = 1 + int(np.argmax(ndi.sum(L == 1, comp, index=np.arange(1, n + 1))))
-            frag = (comp > 0) & (comp != keep)
-            T[frag] = ANNULUS
-            L[frag] = 0
+        frag = (L == 1) & ~largest_component(L == 1)
+        T[frag] = ANNULUS
+        L[frag] = 0
 
     meta = {
         "level": LEVELS[level], "position": pos, "stenosis": bool(lp["stenosis"]),

@@ -10,19 +10,12 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .. import STRUCTURES
+from ..preprocess.morphology import largest_component
 
 
 def _norm(img: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(img, [1, 99])
     return np.clip((img.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1)
-
-
-def _largest(mask: np.ndarray) -> np.ndarray:
-    lab, n = ndi.label(mask)
-    if n == 0:
-        return mask
-    sizes = ndi.sum(mask, lab, index=np.arange(1, n + 1))
-    return lab == (1 + int(np.argmax(sizes)))
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -41,7 +34,7 @@ class ThresholdBaseline:
 
     def predict_structure(self, img_n: np.ndarray, lab: int) -> np.ndarray:
         lo, hi = self.windows[lab]
-        return _largest((img_n >= lo) & (img_n <= hi))
+        return largest_component((img_n >= lo) & (img_n <= hi))
 
     def fit(self, images, labels) -> "ThresholdBaseline":
         imgs = [self._prep(i) for i in images]

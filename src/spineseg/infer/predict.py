@@ -12,6 +12,7 @@ from .. import NUM_CLASSES
 from ..errors import SpinesegError
 from ..io.images import case_stem, read_image, write_labels_like
 from ..io.layouts import collect_inputs
+from ..preprocess.morphology import largest_component
 from ..preprocess.pipeline import PreprocessConfig, preprocess_slice, probabilities_to_labels
 
 
@@ -35,14 +36,10 @@ POSTPROCESS = ("largest", "none")
 
 def keep_largest_components(labels: np.ndarray) -> np.ndarray:
     """Per structure, keep only its largest 8-connected region (nnU-Net's 'remove all but the largest')."""
-    from scipy import ndimage as ndi
-
     out = labels.copy()
     for k in range(1, NUM_CLASSES):
-        comp, n = ndi.label(labels == k, structure=np.ones((3, 3)))
-        if n > 1:
-            sizes = ndi.sum(np.ones_like(comp), comp, index=np.arange(1, n + 1))
-            out[(comp > 0) & (comp != 1 + int(np.argmax(sizes)))] = 0
+        m = labels == k
+        out[m & ~largest_component(m, eight_connected=True)] = 0
     return out
 
 

@@ -16,6 +16,7 @@ from scipy import ndimage as ndi
 
 from .. import __version__
 from ..errors import SpinesegError
+from .morphology import largest_component
 
 
 @dataclass
@@ -104,12 +105,7 @@ def roi_box(img01: np.ndarray, spacing: tuple[float, float], margin_mm: float) -
         thr = threshold_otsu(smooth)
     except ValueError:
         return 0, H, 0, W
-    fg = smooth > thr * 0.5
-    lab, n = ndi.label(fg)
-    if n == 0:
-        return 0, H, 0, W
-    sizes = ndi.sum(fg, lab, index=np.arange(1, n + 1))
-    body = lab == (1 + int(np.argmax(sizes)))
+    body = largest_component(smooth > thr * 0.5)
     if body.sum() < 0.02 * H * W:  # nothing sensible found: keep the whole image
         return 0, H, 0, W
     rows = np.flatnonzero(body.any(1))
@@ -152,15 +148,19 @@ def plan_geometry(shape, spacing, crop, cfg: PreprocessConfig) -> Geometry:
                     ((S - kh) // 2, (S - kw) // 2), int(S))
 
 
+def _place(resized: np.ndarray, g: Geometry, fill=0) -> np.ndarray:
+    """Cut the window out of the resized ROI and pad it into the ``out_size`` x ``out_size`` output."""
+    wr0, wr1, wc0, wc1 = g.window
+    out = np.full((g.out_size, g.out_size), fill, dtype=resized.dtype)
+    orr, oc = g.offset
+    out[orr:orr + wr1 - wr0, oc:oc + wc1 - wc0] = resized[wr0:wr1, wc0:wc1]
+    return out
+
+
 def forward_geometry(arr: np.ndarray, g: Geometry, order: int, fill=0) -> np.ndarray:
     """Apply crop -> resize -> window -> pad to a 2D array (order 0 for label maps, 1 for images)."""
     r0, r1, c0, c1 = g.crop
-    roi = _resize(arr[r0:r1, c0:c1], g.resized_shape, order)
-    wr0, wr1, wc0, wc1 = g.window
-    out = np.full((g.out_size, g.out_size), fill, dtype=arr.dtype)
-    orr, oc = g.offset
-    out[orr:orr + wr1 - wr0, oc:oc + wc1 - wc0] = roi[wr0:wr1, wc0:wc1]
-    return out
+    return _place(_resize(arr[r0:r1, c0:c1], g.resized_shape, order), g, fill)
 
 
 def forward_labels(label: np.ndarray, g: Geometry, num_classes: int = 4) -> np.ndarray:
@@ -174,12 +174,7 @@ def forward_labels(label: np.ndarray, g: Geometry, num_classes: int = 4) -> np.n
     down = g.resized_shape[0] < (r1 - r0)
     probs = np.stack([resize((roi == k).astype(np.float32), g.resized_shape, order=1, mode="edge",
                              anti_aliasing=down, preserve_range=True) for k in range(num_classes)])
-    resized = probs.argmax(0).astype(np.uint8)
-    wr0, wr1, wc0, wc1 = g.window
-    out = np.zeros((g.out_size, g.out_size), np.uint8)
-    orr, oc = g.offset
-    out[orr:orr + wr1 - wr0, oc:oc + wc1 - wc0] = resized[wr0:wr1, wc0:wc1]
-    return out
+    return _place(probs.argmax(0).astype(np.uint8), g)
 
 
 def inverse_geometry(arr: np.ndarray, g: Geometry, order: int = 0, fill=0) -> np.ndarray:
@@ -203,14 +198,9 @@ def inverse_geometry(arr: np.ndarray, g: Geometry, order: int = 0, fill=0) -> np
 
 def probabilities_to_labels(probs: np.ndarray, g: Geometry) -> np.ndarray:
     """Resample class probabilities ``(C, S, S)`` to the original grid (linear), then take the argmax."""
+    # outside the ROI and the window every class is 0, so the argmax there is background (0)
     back = inverse_geometry(probs.astype(np.float32), g, order=1, fill=0.0)
-    bg = np.zeros(back.shape[-2:], bool)
-    r0, r1, c0, c1 = g.crop
-    bg[:] = True
-    bg[r0:r1, c0:c1] = False
-    lab = back.argmax(0).astype(np.uint8)
-    lab[bg] = 0
-    return lab
+    return back.argmax(0).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------- pipeline

@@ -142,6 +142,8 @@ class Trainer:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]),
                                     weight_decay=tc["weight_decay"])
         self.adv = tc["adversarial"]
+        # weight clipping trains the plain Wasserstein objective; the clipping itself happens after each step
+        self.adv_objective = "wgan" if self.adv == "wgan-clip" else self.adv
         self.critic = self.opt_d = None
         if self.adv != "none":
             self.critic = Critic(1 + NUM_CLASSES, **self.cfg["critic"]).to(self.device)
@@ -188,7 +190,7 @@ class Trainer:
             for _ in range(int(tc["n_critic"])):
                 with torch.no_grad(), torch.autocast(dev, enabled=self.use_amp):
                     fake = torch.softmax(self.model(img).float(), 1)
-                d_loss = critic_loss(self.adv if self.adv != "wgan-clip" else "wgan", self.critic, img, real, fake,
+                d_loss = critic_loss(self.adv_objective, self.critic, img, real, fake,
                                      tc["gp_lambda"])
                 self.opt_d.zero_grad(set_to_none=True)
                 d_loss.backward()
@@ -204,7 +206,7 @@ class Trainer:
         if adversarial:
             for p in self.critic.parameters():
                 p.requires_grad_(False)
-            adv = generator_adv_loss(self.adv if self.adv != "wgan-clip" else "wgan", self.critic, img,
+            adv = generator_adv_loss(self.adv_objective, self.critic, img,
                                      torch.softmax(logits.float(), 1))
             for p in self.critic.parameters():
                 p.requires_grad_(True)
