@@ -27,7 +27,7 @@ def main():
     from spineseg.data.phantom import phantom_slice
     from spineseg.preprocess.pipeline import PreprocessConfig, preprocess_slice, probabilities_to_labels
     from spineseg.train.config import resolve_config
-    from spineseg.train.loop import model_from_config
+    from spineseg.models.checkpoint import model_from_config
 
     torch.set_num_threads(2)
     s = phantom_slice(0, 0, 0)

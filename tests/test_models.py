@@ -44,11 +44,58 @@ def test_clustered_close_to_full_on_blob_tokens():
                           F.scaled_dot_product_attention(q[..., :256, :], k[..., :256, :], v[..., :256, :]), atol=1e-5)
 
 
-def test_kmeans_is_deterministic_and_groups_blobs():
-    q, _, _ = blob_tokens(1000, seed=4)
-    a1, a2 = kmeans_assign(q, 8), kmeans_assign(q, 8)
+@pytest.mark.parametrize("seed,blobs", [(4, 8), (5, 6), (6, 8)])
+def test_kmeans_is_deterministic_and_groups_blobs(seed, blobs):
+    from sklearn.metrics import adjusted_rand_score
+
+    q, _, _, ids = blob_tokens(1000, seed=seed, blobs=blobs, with_ids=True)
+    a1, a2 = kmeans_assign(q, blobs), kmeans_assign(q, blobs)
     assert torch.equal(a1, a2)
-    assert a1.min() >= 0 and a1.max() < 8
+    for h in range(q.shape[1]):  # every head: the clusters are the blobs
+        assert adjusted_rand_score(ids[h].numpy(), a1[0, h].numpy()) >= 0.9, h
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cluster_sums_and_counts_accumulate_in_float32(monkeypatch, dtype):
+    # a half-precision scatter-add stops counting at 2048 (fp16) / 256 (bf16) members on CUDA; the
+    # accumulators must be float32 whatever the input dtype (CPU kernels hide the saturation)
+    accumulators = []
+    scatter_add = torch.Tensor.scatter_add
+
+    def spy(self, *args, **kw):
+        accumulators.append(self.dtype)
+        return scatter_add(self, *args, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "scatter_add", spy)
+    q, k, v = (x.to(dtype) for x in blob_tokens(600, seed=1))
+    out = clustered_attention(q, k, v, clusters=4)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert accumulators and set(accumulators) == {torch.float32}
+
+
+def _autocast_error(device: str, dtype, n: int = 16384) -> float:
+    from spineseg.models.attention import MultiHeadSelfAttention
+
+    torch.manual_seed(0)
+    mha = MultiHeadSelfAttention(32, heads=4, mode="clustered", clusters=100).to(device)
+    q, _, _ = blob_tokens(n, seed=2)
+    x = q[0].transpose(0, 1).reshape(1, n, -1)[..., :32].contiguous().to(device)
+    with torch.no_grad():
+        ref = mha.double()(x.double())
+        mha.float()
+        with torch.autocast(device, dtype=dtype):
+            out = mha(x)
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def test_clustered_attention_under_cpu_autocast_matches_float64():
+    assert _autocast_error("cpu", torch.bfloat16) < 3e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_clustered_attention_under_cuda_autocast_matches_float64(dtype):
+    assert _autocast_error("cuda", dtype) < 3e-2
 
 
 @pytest.mark.parametrize("name", model_names())

@@ -8,7 +8,8 @@ import torch
 from spineseg.cli import main
 from spineseg.infer.predict import Predictor
 from spineseg.io.images import read_image, save_nifti
-from spineseg.train.loop import Trainer, load_checkpoint
+from spineseg.models.checkpoint import load_checkpoint
+from spineseg.train.loop import Trainer
 
 TINY = {"preprocess": {"target_size": 64}, "model": {"base": 4, "clusters": 8}, "critic": {"base": 4},
         "train": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "adv_start_epoch": 1}}

@@ -16,8 +16,11 @@ HEADS, DIM, CLUSTERS = 4, 32, 100
 NAIVE_LIMIT_BYTES = 8 * 1024 ** 3
 
 
-def blob_tokens(n: int, seed: int = 0, blobs: int = 8):
-    """q, k, v of shape (1, HEADS, n, DIM); queries and keys drawn from a few Gaussian blobs."""
+def blob_tokens(n: int, seed: int = 0, blobs: int = 8, with_ids: bool = False):
+    """q, k, v of shape (1, HEADS, n, DIM); queries and keys drawn from a few Gaussian blobs.
+
+    With ``with_ids`` also the blob of every token, (HEADS, n).
+    """
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -27,7 +30,7 @@ def blob_tokens(n: int, seed: int = 0, blobs: int = 8):
     q = x[None].clone()
     k = (x + 0.1 * torch.randn(HEADS, n, DIM, generator=g))[None]
     v = torch.randn(1, HEADS, n, DIM, generator=g)
-    return q, k, v
+    return (q, k, v, idx) if with_ids else (q, k, v)
 
 
 def _measure(method: str, n: int, repeats: int, queue) -> None:

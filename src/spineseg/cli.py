@@ -164,7 +164,7 @@ def cmd_sanity(a) -> int:
 
 
 def cmd_pack(a) -> int:
-    from .train.loop import pack_checkpoint
+    from .models.checkpoint import pack_checkpoint
 
     dst = pack_checkpoint(a.model, a.out, half=not a.float32)
     print(f"wrote {dst} ({dst.stat().st_size / 1e6:.1f} MB)")

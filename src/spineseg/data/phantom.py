@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..anatomy import AREA_RANGES_MM2, area_range  # noqa: F401  (re-exported for callers of the phantom)
 from ..preprocess.morphology import largest_component
 
 LEVELS = ("L1", "L2", "L3", "L4", "L5")
@@ -46,26 +47,6 @@ _CONTRAST_TABLES = {
 # texture amplitude per tissue (relative modulation by smooth noise)
 _TEXTURE = np.array([0.0, 0.03, 0.10, 0.08, 0.12, 0.05, 0.03, 0.05, 0.06, 0.05, 0.08, 0.08, 0.05, 0.06,
                      0.10, 0.15, 0.0, 0.08, 0.04, 0.10, 0.05])
-
-# Anatomical label areas (mm^2) that every generated slice satisfies; measured by the tests.
-AREA_RANGES_MM2 = {
-    "vertebral_body": {"default": (700.0, 2000.0), "disc": (250.0, 2000.0)},
-    "vertebral_foramen": {"default": (150.0, 300.0), "stenosis": (35.0, 100.0), "protrusion": (90.0, 300.0)},
-    "lamina": {"default": (150.0, 650.0)},
-}
-
-
-def area_range(structure: str, position: str, stenosis: bool, protrusion: bool) -> tuple[float, float]:
-    r = AREA_RANGES_MM2[structure]
-    if structure == "vertebral_body" and position == "disc":
-        return r["disc"]
-    if structure == "vertebral_foramen":
-        if stenosis:
-            return r["stenosis"]
-        if protrusion:
-            return r["protrusion"]
-    return r["default"]
-
 
 @dataclass
 class PhantomSlice:

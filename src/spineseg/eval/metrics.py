@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .. import STRUCTURES
+from ..overlap import dice_from_counts, overlap_counts
 
 HD95_MODES = ("monai", "pooled")
 METRICS = ("dice", "iou", "ppv", "sensitivity", "hd", "hd95")
@@ -57,12 +58,11 @@ def slice_metrics(pred: np.ndarray, gt: np.ndarray, spacing, hd95: str = "monai"
     out: dict[str, dict | None] = {}
     for k, name in enumerate(STRUCTURES, start=1):
         p, g = pred == k, gt == k
-        tp = float(np.logical_and(p, g).sum())
-        fp, fn = float(p.sum()) - tp, float(g.sum()) - tp
+        tp, fp, fn = (float(x) for x in overlap_counts(p, g))
         if tp + fp + fn == 0:
             out[name] = None
             continue
-        m = {"dice": 2 * tp / (2 * tp + fp + fn), "iou": tp / (tp + fp + fn),
+        m = {"dice": float(dice_from_counts(tp, fp, fn)), "iou": tp / (tp + fp + fn),
              "ppv": tp / (tp + fp) if tp + fp else 0.0, "sensitivity": tp / (tp + fn) if tp + fn else 0.0}
         if p.any() and g.any():
             m["hd"], m["hd95"] = hausdorff(p, g, spacing, hd95)

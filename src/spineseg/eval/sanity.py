@@ -15,10 +15,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .. import STRUCTURES
-from ..data.phantom import AREA_RANGES_MM2
+from ..anatomy import AREA_LIMITS_MM2 as AREA_LIMITS
 from ..io.atomic import atomic_write_text
 
-AREA_LIMITS = {s: (min(lo for lo, _ in r.values()), max(hi for _, hi in r.values())) for s, r in AREA_RANGES_MM2.items()}
 CSV_COLUMNS = ("slice", "passed", "reason") + tuple(f"area_{s}" for s in STRUCTURES) + tuple(f"regions_{s}" for s in STRUCTURES)
 
 

@@ -10,17 +10,13 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .. import STRUCTURES
+from ..io.intensity import percentile_window
+from ..overlap import dice
 from ..preprocess.morphology import largest_component
 
 
 def _norm(img: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(img, [1, 99])
-    return np.clip((img.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2 * np.logical_and(a, b).sum() / s)
+    return percentile_window(img, 1, 99)
 
 
 class ThresholdBaseline:

@@ -46,7 +46,7 @@ def keep_largest_components(labels: np.ndarray) -> np.ndarray:
 class Predictor:
     def __init__(self, checkpoint: str | Path, device: str = "auto", threads: int | None = 2,
                  postprocess: str = "largest"):
-        from ..train.loop import load_checkpoint, model_from_config, pick_device
+        from ..models.checkpoint import load_checkpoint, load_model, pick_device
 
         if postprocess not in POSTPROCESS:
             raise SpinesegError(f"postprocess must be one of {POSTPROCESS}")
@@ -58,9 +58,7 @@ class Predictor:
         ck = load_checkpoint(checkpoint, map_location=self.device)
         self.config = ck["config"]
         self.pp = PreprocessConfig.from_dict(ck["preprocess"])
-        self.model = model_from_config(self.config).to(self.device)
-        self.model.load_state_dict(ck["model"])
-        self.model.eval()
+        self.model = load_model(ck, self.device)
         self.name = ck.get("model_name", "?")
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ from nibabel import orientations as nio
 
 from ..errors import SpinesegError
 from .atomic import atomic_path, atomic_write_bytes
+from .intensity import percentile_window
 
 NIFTI_EXT = (".nii", ".nii.gz")
 ITK_EXT = (".mha", ".mhd", ".nrrd", ".nhdr")
@@ -321,7 +322,6 @@ def save_png(path: str | Path, rgb_or_gray: np.ndarray) -> None:
 
     arr = np.asarray(rgb_or_gray)
     if arr.dtype != np.uint8:
-        lo, hi = np.percentile(arr, [0.5, 99.5]) if arr.size else (0, 1)
-        arr = (np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+        arr = (percentile_window(arr) * 255).astype(np.uint8)
     with atomic_path(path) as tmp:
         PILImage.fromarray(arr).save(tmp, format="PNG")

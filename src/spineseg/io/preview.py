@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path
+from .intensity import percentile_window
 
 # structure colours (RGB, 0-1): body, foramen, lamina
 LABEL_COLORS = {1: (0.20, 0.55, 1.00), 2: (0.10, 0.90, 0.30), 3: (1.00, 0.60, 0.10)}
@@ -19,8 +20,7 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 
 def to_gray(img: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(img, [0.5, 99.5])
-    return np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
+    return percentile_window(img)
 
 
 def outline_rgb(img: np.ndarray, label: np.ndarray | None) -> np.ndarray:

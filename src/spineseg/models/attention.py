@@ -1,9 +1,9 @@
 """Full and clustered (k-means query) self-attention, and the Transformer block used in the generator.
 
 Clustered attention (the paper's CTM, after Vyas et al. 2020): per (batch, head), the N queries are
-grouped into C clusters by a few Lloyd iterations of k-means started from C evenly spaced queries
-(deterministic, data-driven; the iterations run on a strided sample of at most 4096 queries, then
-every query joins its nearest centroid). Each cluster's centroid attends to all keys,
+grouped into C clusters by a few Lloyd iterations of k-means started from a farthest-point choice of
+C queries (deterministic, data-driven; the iterations run on a strided sample of at most 4096
+queries, then every query joins its nearest centroid). Each cluster's centroid attends to all keys,
 ``A_c = softmax(Q_c K^T / sqrt(d))``, ``V_c = A_c V``, and every query takes its cluster's row of
 ``V_c``. Cost O(N C d) instead of O(N^2 d). The assignment is not differentiated; gradients flow
 through the centroids (hence the queries), the keys and the values. With C = N every query is its
@@ -19,10 +19,33 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _init_centroids(q: torch.Tensor, c: int) -> torch.Tensor:
-    n = q.shape[-2]
-    idx = torch.linspace(0, n - 1, c, device=q.device).round().long()
-    return q[..., idx, :]
+INIT_SAMPLE = 256
+
+
+def _init_centroids(x: torch.Tensor, c: int) -> torch.Tensor:
+    """Farthest-point initialisation on a strided sample of at most ``INIT_SAMPLE`` tokens.
+
+    Deterministic and data-driven: the first centroid is the sample's first token, each next one the
+    sample token farthest from all centroids chosen so far, so well-separated groups each receive a
+    centroid (evenly spaced picks often put two centroids in one group and none in another). The
+    sample's squared distances are computed once; each pick is then a gather and a minimum.
+    """
+    n, d = x.shape[-2], x.shape[-1]
+    xs = x[..., :: max(1, -(-n // INIT_SAMPLE)), :]
+    m = xs.shape[-2]
+    if c >= m:  # no fewer clusters than sample tokens: evenly spaced tokens of the full set
+        return x[..., torch.linspace(0, n - 1, c, device=x.device).round().long(), :]
+    x3 = xs.reshape((-1, m, d))
+    sq = (x3 * x3).sum(-1)
+    dist = sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * (x3 @ x3.transpose(-1, -2))  # (b, m, m)
+    mind = dist[:, 0]
+    picks = [torch.zeros_like(mind[:, :1], dtype=torch.long)]
+    for _ in range(c - 1):
+        j = mind.argmax(-1, keepdim=True)
+        picks.append(j)
+        mind = torch.minimum(mind, torch.gather(dist, 1, j.unsqueeze(-1).expand(-1, 1, m)).squeeze(1))
+    idx = torch.cat(picks, -1)  # (b, c)
+    return torch.gather(x3, 1, idx.unsqueeze(-1).expand(-1, c, d)).reshape(x.shape[:-2] + (c, d))
 
 
 def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -35,10 +58,28 @@ def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return d.argmin(-1).reshape(lead + x.shape[-2:-1])
 
 
+def cluster_means(x: torch.Tensor, assign: torch.Tensor, clusters: int, with_counts: bool = False):
+    """Mean of the members of each cluster: ``x`` (..., N, d), ``assign`` (..., N) -> (..., C, d).
+
+    Sums and counts accumulate in float32 (float64 for float64 input) whatever the dtype of ``x``:
+    under autocast the queries are fp16 / bf16, and a half-precision scatter-add stops counting at
+    2048 (fp16) or 256 (bf16) members. Differentiable in ``x``; empty clusters give 0.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    lead = x.shape[:-2]
+    sums = torch.zeros(lead + (clusters, x.shape[-1]), dtype=acc, device=x.device).scatter_add(
+        -2, assign.unsqueeze(-1).expand_as(xf), xf)
+    counts = torch.zeros(lead + (clusters,), dtype=acc, device=x.device).scatter_add(
+        -1, assign, torch.ones(assign.shape, dtype=acc, device=x.device))
+    means = sums / counts.clamp_min(1).unsqueeze(-1)
+    return (means, counts) if with_counts else means
+
+
 def kmeans_assign(q: torch.Tensor, clusters: int, iters: int = 3, sample: int = 4096) -> torch.Tensor:
     """Cluster index (…, N) of every query, with no gradient.
 
-    Lloyd iterations start from ``clusters`` evenly spaced queries and run on a deterministic strided
+    Lloyd iterations start from a farthest-point choice of ``clusters`` queries and run on a deterministic strided
     sample of at most ``sample`` queries (all of them when N <= sample); every query is then assigned
     to its nearest final centroid. Vectorised over batch and heads.
     """
@@ -50,10 +91,8 @@ def kmeans_assign(q: torch.Tensor, clusters: int, iters: int = 3, sample: int = 
         xs = qf[..., ::stride, :]
         for _ in range(iters):
             assign = _nearest(xs, c)
-            sums = torch.zeros_like(c).scatter_add_(-2, assign.unsqueeze(-1).expand_as(xs), xs)
-            counts = torch.zeros(c.shape[:-1], device=q.device, dtype=qf.dtype).scatter_add_(
-                -1, assign, torch.ones_like(assign, dtype=qf.dtype))
-            c = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), c)
+            means, counts = cluster_means(xs, assign, clusters, with_counts=True)
+            c = torch.where(counts.unsqueeze(-1) > 0, means, c)
         return _nearest(qf, c)
 
 
@@ -65,10 +104,7 @@ def clustered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, clust
     if assign is None:
         assign = kmeans_assign(q, c, iters)
     idx = assign.unsqueeze(-1)
-    sums = torch.zeros(q.shape[:-2] + (c, d), dtype=q.dtype, device=q.device).scatter_add(-2, idx.expand_as(q), q)
-    counts = torch.zeros(q.shape[:-2] + (c,), dtype=q.dtype, device=q.device).scatter_add(
-        -1, assign, torch.ones_like(assign, dtype=q.dtype))
-    centroids = sums / counts.clamp_min(1).unsqueeze(-1)
+    centroids = cluster_means(q, assign, c).to(q.dtype)
     attn = torch.softmax(centroids @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)  # (..., C, N)
     vc = attn @ v  # (..., C, dv)
     return torch.gather(vc, -2, idx.expand(q.shape[:-2] + (n, v.shape[-1])))

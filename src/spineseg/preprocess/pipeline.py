@@ -16,6 +16,7 @@ from scipy import ndimage as ndi
 
 from .. import __version__
 from ..errors import SpinesegError
+from ..io.intensity import percentile_window
 from .morphology import largest_component
 
 
@@ -75,13 +76,6 @@ class Geometry:
 
 
 # ----------------------------------------------------------------------------------------------- intensity
-
-def _unit(img: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(img, [0.5, 99.5])
-    if hi - lo < 1e-6:
-        hi = lo + 1.0
-    return np.clip((img - lo) / (hi - lo), 0.0, 1.0)
-
 
 def denoise(img01: np.ndarray) -> np.ndarray:
     from skimage.restoration import denoise_wavelet
@@ -211,7 +205,7 @@ def preprocess_slice(img: np.ndarray, spacing: tuple[float, float], cfg: Preproc
     img = np.asarray(img, np.float32)
     if img.ndim != 2:
         raise SpinesegError(f"expected a 2D slice, got shape {img.shape}")
-    x = _unit(img)
+    x = percentile_window(img)
     if cfg.denoise:
         x = denoise(x)
     if cfg.clahe:

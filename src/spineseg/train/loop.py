@@ -17,64 +17,14 @@ from ..data.augment import AugmentConfig
 from ..data.dataset import make_loader, prepare_slices
 from ..data.splits import load_splits, make_splits, write_splits
 from ..errors import SpinesegError
-from ..io.atomic import atomic_path, atomic_write_text
+from ..io.atomic import atomic_write_text
 from ..io.layouts import load_dataset
+from ..models.checkpoint import load_checkpoint, model_from_config, pick_device, save_checkpoint
 from ..models.critic import Critic
-from ..models.registry import build_model
+from ..overlap import dice_per_structure
 from ..preprocess.pipeline import PreprocessCache, PreprocessConfig
 from .config import resolve_config
 from .losses import SegLoss, critic_loss, generator_adv_loss, one_hot
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SpinesegError("--device cuda requested but no CUDA device is available")
-    return torch.device(name)
-
-
-def model_from_config(cfg: dict):
-    m = dict(cfg["model"])
-    name = m.pop("name")
-    return build_model(name, **m)
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise SpinesegError("checkpoint not found", path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise SpinesegError(f"not a readable spineseg checkpoint ({type(exc).__name__})", path) from None
-
-
-def pack_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> Path:
-    """A small inference-only copy: weights (optionally float16), config, preprocessing, version."""
-    ck = load_checkpoint(src)
-    weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ck["model"].items()}
-    slim = {"model": weights, "config": ck["config"], "preprocess": ck["preprocess"], "version": ck["version"],
-            "model_name": ck.get("model_name"), "epoch": ck.get("epoch"), "best": ck.get("best")}
-    save_checkpoint(Path(dst), slim)
-    return Path(dst)
-
-
-def dice_per_structure(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
-    """Per-slice Dice for each foreground class; NaN where a structure is absent from both."""
-    out = np.full((pred.shape[0], NUM_CLASSES - 1), np.nan)
-    for k in range(1, NUM_CLASSES):
-        p, t = pred == k, target == k
-        inter = (p & t).flatten(1).sum(1).float()
-        s = p.flatten(1).sum(1).float() + t.flatten(1).sum(1).float()
-        d = torch.where(s > 0, 2 * inter / s.clamp_min(1), torch.full_like(s, float("nan")))
-        out[:, k - 1] = d.cpu().numpy()
-    return out
 
 
 @torch.no_grad()
@@ -83,7 +33,7 @@ def validate(model, loader, device) -> np.ndarray:
     rows = []
     for batch in loader:
         logits = model(batch["image"].to(device))
-        rows.append(dice_per_structure(logits.argmax(1).cpu(), batch["label"]))
+        rows.append(dice_per_structure(logits.argmax(1).cpu().numpy(), batch["label"].numpy(), NUM_CLASSES))
     model.train()
     return np.nanmean(np.concatenate(rows), axis=0) if rows else np.full(NUM_CLASSES - 1, np.nan)
 

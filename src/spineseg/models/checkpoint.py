@@ -1,0 +1,68 @@
+"""Checkpoints and model construction: what training writes and inference reads (below both).
+
+A checkpoint is a ``torch.save``'d dict loaded with ``weights_only=True``: ``model`` (state dict),
+``config`` (the full resolved config), ``preprocess``, ``version``, ``model_name``; training adds its
+resume state (optimisers, critic, RNG states, epoch, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import SpinesegError
+from ..io.atomic import atomic_path
+from .registry import build_model
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SpinesegError("--device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def model_from_config(cfg: dict) -> torch.nn.Module:
+    """Build the network a resolved config describes (``cfg["model"]``, with its ``name``)."""
+    m = dict(cfg["model"])
+    name = m.pop("name")
+    return build_model(name, **m)
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise SpinesegError("checkpoint not found", path)
+    if path.is_dir():
+        raise SpinesegError("is a folder, not a checkpoint file (give RUN/best.pt)", path)
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise SpinesegError(f"not a readable spineseg checkpoint ({type(exc).__name__})", path) from None
+    if not isinstance(ck, dict) or not {"model", "config", "preprocess"} <= set(ck):
+        raise SpinesegError("not a spineseg checkpoint (no model / config / preprocess entries)", path)
+    return ck
+
+
+def load_model(ck: dict, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The network of a loaded checkpoint, weights in float32, in eval mode."""
+    model = model_from_config(ck["config"])
+    model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in ck["model"].items()})
+    return model.to(device).eval()
+
+
+def pack_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> Path:
+    """A small inference-only copy: weights (optionally float16), config, preprocessing, version."""
+    ck = load_checkpoint(src)
+    weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ck["model"].items()}
+    slim = {"model": weights, "config": ck["config"], "preprocess": ck["preprocess"], "version": ck["version"],
+            "model_name": ck.get("model_name"), "epoch": ck.get("epoch"), "best": ck.get("best")}
+    save_checkpoint(Path(dst), slim)
+    return Path(dst)
