@@ -57,6 +57,10 @@ class Image:
     affine: np.ndarray = field(repr=False)  # RAS affine of the file's voxel grid
     file_shape: tuple[int, ...] = ()  # shape of the voxel array in the file (2D or 3D)
     ornt: np.ndarray = field(default=None, repr=False)  # file orientation (nibabel ornt)
+    stack: int = 0  # index of this stack among the input's stacks, in the order of acquisition
+    stack_count: int = 1  # how many stacks the input holds (several for a multi-slab DICOM series)
+    # DICOM only: per display slice, the source instance ({"path", "sop_instance_uid", ...}); None otherwise
+    sources: list | None = field(default=None, repr=False)
 
     @property
     def num_slices(self) -> int:
@@ -269,6 +273,20 @@ def read_image(path: str | Path, spacing: float | None = None, kind: str = "imag
         return _to_display(data, affine, str(path), np.uint8)
     img = _to_display(np.asarray(data), affine, str(path), np.float32)
     return _check_values(img, kind)
+
+
+def read_images(path: str | Path, spacing: float | None = None) -> list[Image]:
+    """Every stack of one input, in the order of acquisition: one :class:`Image` per stack.
+
+    A multi-slab DICOM series (several angled stacks under one series) gives several images; every
+    other input gives one.
+    """
+    return [read_image(path, spacing=spacing)]
+
+
+def stack_output_name(name: str, image: Image) -> str:
+    """Output name of one stack: ``name`` for a single-stack input, ``{name}_stack{k}`` otherwise."""
+    return name if image.stack_count == 1 else f"{name}_stack{image.stack}"
 
 
 def read_label(path: str | Path, spacing: float | None = None) -> Image:
