@@ -34,6 +34,15 @@ def resolve_checkpoint(name: str | Path) -> Path:
 POSTPROCESS = ("largest", "none")
 
 
+def postprocess_labels(labels: np.ndarray, method: str = "largest", spacing=None) -> np.ndarray:
+    """Apply the named post-processing (see ``POSTPROCESS``) to one slice's label map."""
+    if method == "none":
+        return labels
+    if method == "largest":
+        return keep_largest_components(labels)
+    raise SpinesegError(f"postprocess must be one of {POSTPROCESS}")
+
+
 def keep_largest_components(labels: np.ndarray) -> np.ndarray:
     """Per structure, keep only its largest 8-connected region (nnU-Net's 'remove all but the largest')."""
     out = labels.copy()
@@ -66,13 +75,21 @@ class Predictor:
         t = torch.from_numpy(x)[None, None].to(self.device)
         return torch.softmax(self.model(t).float(), 1)[0].cpu().numpy()
 
-    def predict_slice(self, img2d: np.ndarray, spacing) -> np.ndarray:
+    def raw_slice(self, img2d: np.ndarray, spacing) -> np.ndarray:
+        """The argmax label map of one slice on its own grid, before post-processing."""
         x, _, g = preprocess_slice(img2d, spacing, self.pp)
-        labels = probabilities_to_labels(self.probabilities(x), g)
-        return keep_largest_components(labels) if self.postprocess == "largest" else labels
+        return probabilities_to_labels(self.probabilities(x), g)
+
+    def predict_slice(self, img2d: np.ndarray, spacing) -> np.ndarray:
+        return postprocess_labels(self.raw_slice(img2d, spacing), self.postprocess, spacing)
+
+    def predict_both(self, image) -> tuple[np.ndarray, np.ndarray]:
+        """``(raw, post-processed)`` label maps ``(S, H, W)`` of a whole image (post-processing: this predictor's)."""
+        raw = np.stack([self.raw_slice(image.data[i], image.spacing) for i in range(image.num_slices)])
+        return raw, np.stack([postprocess_labels(r, self.postprocess, image.spacing) for r in raw])
 
     def predict_volume(self, image) -> np.ndarray:
-        return np.stack([self.predict_slice(image.data[i], image.spacing) for i in range(image.num_slices)])
+        return self.predict_both(image)[1]
 
 
 def output_name(path: Path) -> str:
