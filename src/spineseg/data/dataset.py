@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import SpinesegError
+from ..progress import progress as progress_bar
 from ..io.images import check_pair, read_image, read_label
 from ..io.layouts import Case
 from ..preprocess.pipeline import Geometry, PreprocessCache, PreprocessConfig, preprocess_slice
@@ -28,10 +29,8 @@ class SliceRecord:
 def prepare_slices(cases: list[Case], cfg: PreprocessConfig, cache: PreprocessCache | None = None,
                    spacing: float | None = None, progress: bool = False) -> list[SliceRecord]:
     """Read, check and preprocess every slice of ``cases`` (through the cache when one is given)."""
-    from tqdm import tqdm
-
     out: list[SliceRecord] = []
-    for case in tqdm(cases, desc="preprocess", unit="case", disable=not progress):
+    for case in progress_bar(cases, desc="preprocess", unit="case", disable=not progress):
         if cache is not None and _single_slice(case.image):
             hit = cache.get(cache.key(case.image, case.label, 0, cfg))
             if hit is not None:  # a cached single-slice case needs no read at all

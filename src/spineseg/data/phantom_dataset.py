@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import LABELS
 from ..errors import SpinesegError
+from ..progress import progress as progress_bar
 from ..io.atomic import atomic_dir, atomic_write_text
 from ..io.images import save_slice_nifti
 from .phantom import CONTRASTS, phantom_slice
@@ -44,14 +45,12 @@ def write_phantom_dataset(out: str | Path, patients: int, slices_per_patient: in
     if contrast not in CONTRASTS + ("random", "mixed"):
         raise SpinesegError(f"unknown --contrast {contrast!r}")
     out = Path(out)
-    from tqdm import tqdm
-
     jobs = [(p, k) for p in range(patients) for k in range(slices_per_patient)]
     rows, prev = [], []
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
-        for p, k in tqdm(jobs, desc="phantom", unit="slice", disable=not progress):
+        for p, k in progress_bar(jobs, desc="phantom", unit="slice", disable=not progress):
             c = contrast if contrast != "mixed" else (CONTRASTS + ("random",))[(p * 7 + k) % 6]
             s = phantom_slice(seed, p, k, size=size, spacing=spacing, contrast=c, randomize=randomize)
             cid = case_id(p, k)

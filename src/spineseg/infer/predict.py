@@ -10,6 +10,7 @@ import torch
 
 from .. import NUM_CLASSES
 from ..errors import SpinesegError
+from ..progress import progress as progress_bar
 from ..io.images import case_stem, read_image, write_labels_like
 from ..io.layouts import collect_inputs
 from ..preprocess.morphology import largest_component
@@ -109,13 +110,11 @@ def overlay_png(path: Path, image: np.ndarray, labels: np.ndarray, max_slices: i
 def predict_paths(checkpoint, inputs, out, spacing: float | None = None, device: str = "auto",
                   overlays: bool = True, progress: bool = True, postprocess: str = "largest") -> tuple[list[Path], list[str]]:
     """Predict every input; a bad input is reported and skipped. Returns (written files, error lines)."""
-    from tqdm import tqdm
-
     pred = Predictor(checkpoint, device, postprocess=postprocess)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written, errors = [], []
-    for p in tqdm(collect_inputs(inputs), desc="predict", unit="image", disable=not progress):
+    for p in progress_bar(collect_inputs(inputs), desc="predict", unit="image", disable=not progress):
         try:
             img = read_image(p, spacing=spacing)
             labels = pred.predict_volume(img)

@@ -17,6 +17,7 @@ from ..data.augment import AugmentConfig
 from ..data.dataset import make_loader, prepare_slices
 from ..data.splits import load_splits, make_splits, write_splits
 from ..errors import SpinesegError
+from ..progress import progress as progress_bar
 from ..io.atomic import atomic_write_text
 from ..io.layouts import load_dataset
 from ..models.checkpoint import load_checkpoint, model_from_config, pick_device, save_checkpoint
@@ -172,7 +173,6 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
         from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
 
         tc = self.cfg["train"]
         self.out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,7 @@ class Trainer:
                 adversarial = self.adv != "none" and self.epoch >= tc["adv_start_epoch"]
                 sums: dict[str, float] = {}
                 n = 0
-                bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{tc['epochs']}", leave=False, disable=not self.progress)
+                bar = progress_bar(loader, desc=f"epoch {self.epoch + 1}/{tc['epochs']}", leave=False, disable=not self.progress, log_lines=False)
                 for batch in bar:
                     logs = self._step(batch["image"].to(self.device), batch["label"].to(self.device), adversarial)
                     for k, v in logs.items():
