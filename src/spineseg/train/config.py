@@ -1,28 +1,114 @@
-"""Training configuration: built-in defaults <- the model row's file <- the user's --config file."""
+"""Training configuration: one schema, built-in defaults <- the model row's file <- ``--config`` <- ``--set``.
+
+Every key is declared once, here (the ``preprocess`` and ``augment`` sections are the dataclasses the
+pipeline itself uses), and every config is validated against it before any work starts: an unknown
+key or a wrong type anywhere is one clear error naming the key and where it came from.
+"""
 
 from __future__ import annotations
 
 import copy
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..data.augment import AugmentConfig
 from ..errors import SpinesegError
+from ..preprocess.pipeline import PreprocessConfig
 
-DEFAULTS: dict = {
-    "preprocess": {"target_size": 512},
-    "augment": {"rotate_deg": 15.0, "scale": [0.85, 1.15], "shift": 0.08, "flip_lr": False, "intensity": 0.1},
-    "model": {"base": 32, "heads": 4, "clusters": 100, "kmeans_iters": 3, "attention_stages": [2, 3, 4]},
-    "critic": {"base": 32, "norm": "instance"},
-    "train": {
-        "epochs": 500, "batch_size": 4, "max_minutes": None, "lr": 1e-4, "lr_critic": 1e-4, "betas": [0.5, 0.9],
-        "weight_decay": 0.0, "lr_schedule": "poly", "adversarial": "none", "adv_start_epoch": 0, "n_critic": 1,
-        "alpha": 0.01, "beta": 1.0, "gamma": 1.0, "gp_lambda": 10.0, "clip": 0.01, "num_workers": 0,
-        "val_every": 1, "amp": True, "threads": 2,
-    },
-}
 ADVERSARIAL_MODES = ("none", "wgan-gp", "wgan-clip", "bce")
+# what a resumed run may change: its budget
+EXTENDABLE = ("train.epochs", "train.max_minutes")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelOptions(_Section):
+    name: str | None = None  # the registry row; set from --model
+    base: int = Field(32, ge=1)
+    heads: int = Field(4, ge=1)
+    clusters: int = Field(100, ge=1)
+    kmeans_iters: int = Field(3, ge=0)
+    attention_stages: list[int] = [2, 3, 4]
+    norm: Literal["instance", "batch", "group"] = "instance"
+
+
+class CriticOptions(_Section):
+    base: int = Field(32, ge=1)
+    norm: Literal["instance", "layer"] = "instance"
+    layers: int = Field(6, ge=1)
+
+
+class TrainOptions(_Section):
+    epochs: int = Field(500, ge=0)
+    batch_size: int = Field(4, ge=1)
+    max_minutes: float | None = Field(None, ge=0)  # wall-time cap; None or 0: no cap
+    lr: float = Field(1e-4, gt=0)
+    lr_critic: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = Field(0.0, ge=0)
+    # poly decay over a fixed horizon of `schedule_epochs` (not over `epochs`, so that a run extended with
+    # --resume --set train.epochs=N follows the same schedule as an N-epoch run); under a time cap the
+    # schedule follows the elapsed fraction of the cap instead, when that is further along
+    lr_schedule: Literal["poly", "constant"] = "poly"
+    schedule_epochs: int = Field(500, ge=1)
+    adversarial: Literal["none", "wgan-gp", "wgan-clip", "bce"] = "none"
+    adv_start_epoch: int = Field(0, ge=0)
+    n_critic: int = Field(1, ge=1)
+    alpha: float = 0.01
+    beta: float = 1.0
+    gamma: float = 1.0
+    gp_lambda: float = Field(10.0, ge=0)
+    clip: float = Field(0.01, gt=0)
+    num_workers: int = Field(0, ge=0)
+    val_every: int = Field(1, ge=1)
+    amp: bool = True
+    threads: int | None = Field(None, ge=1)  # CPU threads; None: all cores
+
+
+class RunOptions(_Section):
+    data: str
+    data_fingerprint: str = ""
+    fold: int = Field(0, ge=0)
+    split: Literal["kfold", "paper"] = "kfold"
+    seed: int = 0
+    case_is_patient: bool = False
+    splits_file: str | None = None
+
+
+class Config(_Section):
+    preprocess: PreprocessConfig = PreprocessConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelOptions = ModelOptions()
+    critic: CriticOptions = CriticOptions()
+    train: TrainOptions = TrainOptions()
+    run: RunOptions | None = None
+
+
+DEFAULTS: dict = Config().model_dump(mode="json", exclude={"run"})
+
+
+def validate_config(cfg: dict, source: str | Path | None = None) -> dict:
+    """Check ``cfg`` against the schema; return it complete (defaults filled) as plain data."""
+    try:
+        model = Config.model_validate(cfg)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        what = "unknown key" if err["type"] in ("extra_forbidden", "unexpected_keyword_argument") else err["msg"]
+        got = "" if what == "unknown key" else f" (got {err.get('input')!r})"
+        raise SpinesegError(f"config: {key}: {what}{got}", source) from None
+    out = model.model_dump(mode="json")
+    if out["run"] is None:
+        del out["run"]
+    if out["preprocess"]["target_size"] % 16:
+        raise SpinesegError("config: preprocess.target_size must be a multiple of 16", source)
+    return out
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -40,25 +126,50 @@ def config_dir() -> Path:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A config file: a path, or the name of a shipped config (``cpu-quick``, ``paper``)."""
     p = Path(path)
     if not p.exists():
-        alt = config_dir() / p.name
-        if not p.suffix:
-            alt = config_dir() / f"{p.name}.yaml"
-        if alt.exists():
-            p = alt
-        else:
+        alt = config_dir() / (p.name if p.suffix else f"{p.name}.yaml")
+        if not alt.exists():
             raise SpinesegError("config file not found", path)
+        p = alt
+    if p.is_dir():
+        raise SpinesegError("is a folder, not a config file", p)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise SpinesegError("not a text file (a YAML config was expected)", p) from None
     except yaml.YAMLError as exc:
-        raise SpinesegError(f"not valid YAML ({exc})", p) from None
+        raise SpinesegError(f"not valid YAML ({str(exc).splitlines()[0]})", p) from None
     if not isinstance(data, dict):
-        raise SpinesegError("config must be a mapping", p)
+        raise SpinesegError("config must be a mapping of sections (preprocess, augment, model, critic, train)", p)
     return data
 
 
-def resolve_config(model: str, config: str | Path | None = None, overrides: dict | None = None) -> dict:
+def parse_set(items: list[str] | None) -> dict:
+    """``--set train.epochs=2 --set augment.flip_lr=true`` -> a nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+            raise SpinesegError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. train.epochs=2")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpinesegError(f"--set {item!r}: {part} is set twice")
+        node[parts[-1]] = value
+    return out
+
+
+def resolve_config(model: str, config: str | Path | None = None, overrides: dict | None = None,
+                   sets: dict | None = None) -> dict:
+    """Defaults <- ``configs/models/MODEL.yaml`` <- ``config`` <- ``overrides`` <- ``sets``, validated."""
     from ..models.registry import ARCHITECTURES
 
     if model not in ARCHITECTURES:
@@ -66,19 +177,36 @@ def resolve_config(model: str, config: str | Path | None = None, overrides: dict
     cfg = copy.deepcopy(DEFAULTS)
     row = config_dir() / "models" / f"{model}.yaml"
     if row.exists():
-        cfg = _merge(cfg, read_yaml(row))
+        row_cfg = read_yaml(row)
+        validate_config(row_cfg, row)
+        cfg = _merge(cfg, row_cfg)
     if config is not None:
-        cfg = _merge(cfg, read_yaml(config))
+        user = read_yaml(config)
+        validate_config(user, config)
+        cfg = _merge(cfg, user)
     cfg = _merge(cfg, overrides or {})
+    if sets:
+        validate_config(_merge(cfg, sets), "--set")
+        cfg = _merge(cfg, sets)
     cfg["model"]["name"] = model
-    unknown = set(cfg) - set(DEFAULTS)
-    if unknown:
-        raise SpinesegError(f"unknown config sections {sorted(unknown)}", config)
-    bad = set(cfg["train"]) - set(DEFAULTS["train"])
-    if bad:
-        raise SpinesegError(f"unknown train options {sorted(bad)}", config)
-    if cfg["train"]["adversarial"] not in ADVERSARIAL_MODES:
-        raise SpinesegError(f"train.adversarial must be one of {ADVERSARIAL_MODES}", config)
-    if cfg["preprocess"].get("target_size", 512) % 16:
-        raise SpinesegError("preprocess.target_size must be a multiple of 16", config)
-    return cfg
+    return validate_config(cfg, config)
+
+
+def config_differences(stored: dict, requested: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs (both complete)."""
+    out = []
+    for k in sorted(set(stored) | set(requested)):
+        a, b = stored.get(k), requested.get(k)
+        key = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, key + ".")
+        elif a != b:
+            out.append(key)
+    return out
+
+
+def describe_value(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node

@@ -1,11 +1,21 @@
-"""Supervised and adversarial training with validation, logs and atomic checkpoints."""
+"""A training run: composes its parts (config, data, model and optimisers, step, validation, checkpoint, log).
+
+- config: `train.config` (one schema; ``--set`` overrides; a resume may only extend the budget)
+- data: `train.data` (patient map, leak-proof splits, preprocessed slices)
+- the step: `train.steps` (supervised; the adversarial part is a strategy)
+- resume state: weights, both optimisers, the critic, the GradScaler, the RNG states, the epoch and
+  the best score, in ``last.pt``; the log row of each epoch is written after its checkpoint
+- logging: `train.runlog` (log.csv + TensorBoard, one row per epoch even across kills and resumes)
+
+With an epoch budget and no time cap, a run resumed with ``--resume --set train.epochs=N`` ends with
+the same weights as an uninterrupted N-epoch run. Under a time cap the learning rate follows the
+elapsed time, so runs are not reproducible to the bit (see the README).
+"""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -14,22 +24,26 @@ import torch
 
 from .. import NUM_CLASSES, STRUCTURES, __version__
 from ..data.augment import AugmentConfig
-from ..data.dataset import make_loader, prepare_slices
-from ..data.splits import load_splits, make_splits, write_splits
+from ..data.dataset import make_loader
+from ..data.splits import write_splits
 from ..errors import SpinesegError
-from ..progress import progress as progress_bar
-from ..io.atomic import atomic_write_text
-from ..io.layouts import load_dataset
+from ..io.atomic import atomic_write_text, remove_stale_temporaries
 from ..models.checkpoint import load_checkpoint, model_from_config, pick_device, save_checkpoint
 from ..models.critic import Critic
 from ..overlap import dice_per_structure
 from ..preprocess.pipeline import PreprocessCache, PreprocessConfig
-from .config import resolve_config
-from .losses import SegLoss, critic_loss, generator_adv_loss, one_hot
+from ..progress import progress as progress_bar
+from .config import EXTENDABLE, config_differences, describe_value, resolve_config, validate_config
+from .data import dataset_fingerprint, load_training_data, resolve_splits, training_cases
+from .losses import SegLoss
+from .runlog import RunLog
+from .state import capture_rng, restore_rng, seed_everything
+from .steps import Adversary, GeneratorStep
 
 
 @torch.no_grad()
 def validate(model, loader, device) -> np.ndarray:
+    """Mean Dice per structure over the validation slices (the one Dice of `spineseg.overlap`)."""
     model.eval()
     rows = []
     for batch in loader:
@@ -39,83 +53,140 @@ def validate(model, loader, device) -> np.ndarray:
     return np.nanmean(np.concatenate(rows), axis=0) if rows else np.full(NUM_CLASSES - 1, np.nan)
 
 
+def lr_factor(cfg_train: dict, epoch: int, elapsed: float) -> float:
+    """Learning-rate multiplier at the start of ``epoch`` (0-based)."""
+    if cfg_train["lr_schedule"] == "constant":
+        return 1.0
+    progress = epoch / cfg_train["schedule_epochs"]
+    cap = cfg_train.get("max_minutes") or 0
+    if cap:
+        progress = max(progress, elapsed / (cap * 60))
+    return max(1e-3, (1.0 - min(progress, 0.999)) ** 0.9)
+
+
+def _run_options(data, fold, split, seed, case_is_patient, splits_file) -> dict:
+    return {"data": str(Path(data).resolve()), "fold": 0 if fold is None else int(fold),
+            "split": split or "kfold", "seed": 0 if seed is None else int(seed),
+            "case_is_patient": bool(case_is_patient), "splits_file": None if splits_file is None else str(splits_file)}
+
+
 class Trainer:
-    def __init__(self, data: str | Path, model: str, out: str | Path, config: str | Path | None = None,
-                 fold: int = 0, split: str = "kfold", resume: bool = False, seed: int = 0, device: str = "auto",
-                 cache: str | Path | None = None, overrides: dict | None = None, progress: bool = True,
-                 splits_file: str | Path | None = None):
+    def __init__(self, data: str | Path | None, model: str | None, out: str | Path, config: str | Path | None = None,
+                 fold: int | None = None, split: str | None = None, resume: bool = False, seed: int | None = None,
+                 device: str = "auto", cache: str | Path | None = None, overrides: dict | None = None,
+                 progress: bool = True, splits_file: str | Path | None = None, sets: dict | None = None,
+                 case_is_patient: bool = False):
         self.out = Path(out)
-        self.resume = resume
         self.progress = progress
+        self.finished_before = False
+        ck = None
         if resume:
             if not (self.out / "last.pt").exists():
                 raise SpinesegError("--resume given but the run has no last.pt", self.out)
+            remove_stale_temporaries(self.out)
             ck = load_checkpoint(self.out / "last.pt")
-            self.cfg = ck["config"]
+            self.cfg = self._resume_config(ck, data, model, config, fold, split, seed, overrides, sets, splits_file,
+                                           case_is_patient)
         else:
             if (self.out / "last.pt").exists():
                 raise SpinesegError("run folder already holds a training run (use --resume or another --out)", self.out)
-            self.cfg = resolve_config(model, config, overrides)
-            self.cfg["run"] = {"data": str(Path(data).resolve()), "fold": fold, "split": split, "seed": seed}
+            if data is None or model is None:
+                raise SpinesegError("a new training run needs --data and --model")
+            self.cfg = resolve_config(model, config, overrides, sets)  # validated before anything else happens
+            self.cfg["run"] = _run_options(data, fold, split, seed, case_is_patient, splits_file)
         run = self.cfg["run"]
-        self.seed = run["seed"]
-        torch.manual_seed(self.seed)
-        np.random.seed(self.seed)
+        seed_everything(run["seed"])
         tc = self.cfg["train"]
         self.device = pick_device(device)
         if self.device.type == "cpu" and tc.get("threads"):
             torch.set_num_threads(int(tc["threads"]))
-        self.pp = PreprocessConfig.from_dict(self.cfg["preprocess"])
+        self.pp = PreprocessConfig(**self.cfg["preprocess"])
+        self.augment = AugmentConfig.from_dict(self.cfg["augment"])
 
-        cases = [c for c in load_dataset(run["data"]) if c.subset == "train"]
-        split_path = self.out / "splits.json"
-        if split_path.exists():
-            splits = load_splits(split_path)
-        elif splits_file is not None:
-            splits = load_splits(splits_file)
-        else:
-            splits = make_splits(cases, run["split"])
-        if not 0 <= run["fold"] < len(splits):
-            raise SpinesegError(f"fold {run['fold']} does not exist ({len(splits)} splits)")
-        self.splits = splits
-        self.split = splits[run["fold"]]
-        by_id = {c.case_id: c for c in cases}
-        missing = [cid for k in ("train", "val") for cid in self.split[k] if cid not in by_id]
-        if missing:
-            raise SpinesegError(f"splits name cases not in the data set: {missing[:3]}")
-        self.cache = PreprocessCache(cache)
-        self.train_recs = prepare_slices([by_id[c] for c in self.split["train"]], self.pp, self.cache, progress=progress)
-        self.val_recs = prepare_slices([by_id[c] for c in self.split["val"]], self.pp, self.cache, progress=progress)
-        if not self.val_recs:
-            self.val_recs = self.train_recs[: max(1, len(self.train_recs) // 10)]
+        cases = training_cases(data if (resume and data is not None) else run["data"], run["case_is_patient"])
+        fingerprint = dataset_fingerprint(cases)
+        if resume and run.get("data_fingerprint") and fingerprint != run["data_fingerprint"]:
+            raise SpinesegError("--data differs in content from the data this run was trained on; refusing to resume",
+                                data or run["data"])
+        run["data_fingerprint"] = fingerprint
+        splits = resolve_splits(cases, run["split"], self.out / "splits.json", run.get("splits_file"))
+        self.data = load_training_data(cases, splits, run["fold"], self.pp, PreprocessCache(cache), progress)
 
         self.model = model_from_config(self.cfg).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]),
                                     weight_decay=tc["weight_decay"])
-        self.adv = tc["adversarial"]
-        # weight clipping trains the plain Wasserstein objective; the clipping itself happens after each step
-        self.adv_objective = "wgan" if self.adv == "wgan-clip" else self.adv
-        self.critic = self.opt_d = None
-        if self.adv != "none":
-            self.critic = Critic(1 + NUM_CLASSES, **self.cfg["critic"]).to(self.device)
-            self.opt_d = torch.optim.Adam(self.critic.parameters(), lr=tc["lr_critic"], betas=tuple(tc["betas"]))
-        self.seg_loss = SegLoss(tc["beta"], tc["gamma"])
         self.use_amp = bool(tc["amp"]) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.epoch = 0
-        self.best = -1.0
-        self.elapsed = 0.0
-        if resume:
+        self.critic = self.opt_d = None
+        adversary = None
+        if tc["adversarial"] != "none":
+            self.critic = Critic(1 + NUM_CLASSES, **self.cfg["critic"]).to(self.device)
+            self.opt_d = torch.optim.Adam(self.critic.parameters(), lr=tc["lr_critic"], betas=tuple(tc["betas"]))
+            adversary = Adversary(self.critic, self.opt_d, tc["adversarial"], tc["n_critic"], tc["gp_lambda"],
+                                  tc["clip"], tc["alpha"])
+        self.step = GeneratorStep(self.model, self.opt, SegLoss(tc["beta"], tc["gamma"]), self.scaler, self.device,
+                                  self.use_amp, adversary)
+        self.epoch, self.best, self.elapsed = 0, -1.0, 0.0
+        self.rng = None
+        self.pending_row = None
+        if ck is not None:
             self._load_state(ck)
 
-    # ------------------------------------------------------------------ state
-    def _state(self) -> dict:
+    # the split actually trained on (kept as attributes for callers)
+    @property
+    def split(self) -> dict:
+        return self.data.split
+
+    @property
+    def splits(self) -> list[dict]:
+        return self.data.splits
+
+    # ------------------------------------------------------------------ resume
+    def _resume_config(self, ck, data, model, config, fold, split, seed, overrides, sets, splits_file,
+                       case_is_patient) -> dict:
+        stored = ck["config"]
+        run = dict(stored["run"])
+        name = stored["model"]["name"]
+        if model is not None and model != name:
+            raise SpinesegError(f"--model {model} differs from this run's model {name}; refusing to resume", self.out)
+        for flag, given, key in (("--fold", fold, "fold"), ("--split", split, "split"), ("--seed", seed, "seed")):
+            if given is not None and given != run[key]:
+                raise SpinesegError(f"{flag} {given} differs from this run's {key} {run[key]}; refusing to resume",
+                                    self.out)
+        if case_is_patient and not run.get("case_is_patient"):
+            raise SpinesegError("--case-is-patient differs from this run's setting; refusing to resume", self.out)
+        if splits_file is not None:
+            from ..data.splits import load_splits
+
+            if load_splits(splits_file) != load_splits(self.out / "splits.json"):
+                raise SpinesegError("--splits differs from this run's splits.json; refusing to resume", splits_file)
+        if config is not None:
+            requested = resolve_config(name, config, overrides, sets)
+        else:
+            from .config import _merge
+
+            requested = validate_config(_merge(_merge({k: v for k, v in stored.items() if k != "run"}, overrides or {}),
+                                               sets or {}), "--set")
+        requested["model"]["name"] = name
+        current = {k: v for k, v in stored.items() if k != "run"}
+        diffs = [d for d in config_differences(current, requested) if d not in EXTENDABLE]
+        if diffs:
+            d = diffs[0]
+            raise SpinesegError(f"{d} is {describe_value(requested, d)!r} but this run was trained with "
+                                f"{describe_value(current, d)!r}; a resumed run may only change "
+                                f"{' and '.join(EXTENDABLE)}", self.out)
+        requested["run"] = run
+        return requested
+
+    def _state(self, log_row: dict | None) -> dict:
         return {
             "model": self.model.state_dict(), "opt": self.opt.state_dict(),
             "critic": self.critic.state_dict() if self.critic is not None else None,
             "opt_d": self.opt_d.state_dict() if self.opt_d is not None else None,
+            "scaler": self.scaler.state_dict(), "rng": capture_rng(),
             "epoch": self.epoch, "best": self.best, "elapsed": self.elapsed, "config": self.cfg,
             "preprocess": self.pp.to_dict(), "version": __version__, "model_name": self.cfg["model"]["name"],
+            "log_row": log_row,
         }
 
     def _load_state(self, ck: dict) -> None:
@@ -124,117 +195,82 @@ class Trainer:
         if self.critic is not None and ck.get("critic") is not None:
             self.critic.load_state_dict(ck["critic"])
             self.opt_d.load_state_dict(ck["opt_d"])
+        if ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
         self.epoch, self.best, self.elapsed = int(ck["epoch"]), float(ck["best"]), float(ck.get("elapsed", 0.0))
-
-    # ------------------------------------------------------------------ steps
-    def _lr_factor(self, progress: float) -> float:
-        if self.cfg["train"]["lr_schedule"] == "poly":
-            return max(1e-3, (1.0 - min(progress, 0.999)) ** 0.9)
-        return 1.0
-
-    def _step(self, img, lab, adversarial: bool) -> dict:
-        tc = self.cfg["train"]
-        logs = {}
-        dev = self.device.type
-        if adversarial:
-            real = one_hot(lab, NUM_CLASSES)
-            for _ in range(int(tc["n_critic"])):
-                with torch.no_grad(), torch.autocast(dev, enabled=self.use_amp):
-                    fake = torch.softmax(self.model(img).float(), 1)
-                d_loss = critic_loss(self.adv_objective, self.critic, img, real, fake,
-                                     tc["gp_lambda"])
-                self.opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                self.opt_d.step()
-                if self.adv == "wgan-clip":
-                    for p in self.critic.parameters():
-                        p.data.clamp_(-tc["clip"], tc["clip"])
-            logs["loss_d"] = float(d_loss.detach())
-        with torch.autocast(dev, enabled=self.use_amp):
-            logits = self.model(img)
-        loss = self.seg_loss(logits, lab)
-        logs["loss_seg"] = float(loss.detach())
-        if adversarial:
-            for p in self.critic.parameters():
-                p.requires_grad_(False)
-            adv = generator_adv_loss(self.adv_objective, self.critic, img,
-                                     torch.softmax(logits.float(), 1))
-            for p in self.critic.parameters():
-                p.requires_grad_(True)
-            loss = loss + tc["alpha"] * adv
-            logs["loss_adv"] = float(adv.detach())
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        logs["loss_g"] = float(loss.detach())
-        return logs
+        self.rng = ck.get("rng")
+        self.pending_row = ck.get("log_row")
+        self.finished_before = self.epoch >= self.cfg["train"]["epochs"]
 
     # ------------------------------------------------------------------ loop
-    def fit(self) -> dict:
-        from torch.utils.tensorboard import SummaryWriter
-
+    def _set_lr(self, factor: float) -> float:
         tc = self.cfg["train"]
+        for g in self.opt.param_groups:
+            g["lr"] = tc["lr"] * factor
+        if self.opt_d is not None:  # the critic follows the generator's schedule
+            for g in self.opt_d.param_groups:
+                g["lr"] = tc["lr_critic"] * factor
+        return tc["lr"] * factor
+
+    def _train_epoch(self, lr: float) -> dict:
+        tc = self.cfg["train"]
+        loader = make_loader(self.data.train, tc["batch_size"], True, self.augment, seed=self.cfg["run"]["seed"] + self.epoch,
+                             num_workers=tc["num_workers"])
+        loader.dataset.epoch = self.epoch
+        adversarial = self.step.adversary is not None and self.epoch >= tc["adv_start_epoch"]
+        sums: dict[str, float] = {}
+        bar = progress_bar(loader, desc=f"epoch {self.epoch + 1}/{tc['epochs']}", leave=False,
+                           disable=not self.progress, log_lines=False)
+        n = 0
+        for batch in bar:
+            logs = self.step(batch["image"].to(self.device), batch["label"].to(self.device), adversarial)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
+        return {k: v / max(n, 1) for k, v in sums.items()} | {"lr": lr}
+
+    def fit(self) -> dict:
+        tc = self.cfg["train"]
+        if self.finished_before:
+            print(f"{self.out}: this run already finished its {self.epoch} epochs; nothing to do "
+                  f"(extend it with --resume --set train.epochs=N)", flush=True)
+            return {"epochs": self.epoch, "best_val_dice_mean": self.best, "seconds": self.elapsed, "finished_before": True}
         self.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.out)
         if not (self.out / "splits.json").exists():
-            write_splits(self.out / "splits.json", self.splits)
+            write_splits(self.out / "splits.json", self.data.splits)
         atomic_write_text(self.out / "config.json", json.dumps(self.cfg, indent=1) + "\n")
-        aug = AugmentConfig.from_dict(self.cfg["augment"])
-        val_loader = make_loader(self.val_recs, tc["batch_size"], False)
-        log_path = self.out / "log.csv"
-        fields = ["epoch", "seconds", "lr", "loss_g", "loss_seg", "loss_adv", "loss_d"] + [f"val_dice_{s}" for s in STRUCTURES] + ["val_dice_mean"]
-        new_log = not log_path.exists()
-        tb = SummaryWriter(str(self.out / "tb"))
-        budget = tc["max_minutes"] * 60 if tc.get("max_minutes") else None
+        log = RunLog(self.out, self.epoch, self.pending_row)
+        val_loader = make_loader(self.data.val, tc["batch_size"], False)
+        cap = (tc.get("max_minutes") or 0) * 60
         t_start = time.perf_counter() - self.elapsed
-        with open(log_path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=fields)
-            if new_log:
-                w.writeheader()
+        if self.rng is not None:
+            restore_rng(self.rng)
+        try:
             while self.epoch < tc["epochs"]:
-                progress = self.epoch / tc["epochs"]
-                if budget:
-                    progress = max(progress, (time.perf_counter() - t_start) / budget)
-                    if progress >= 1.0:
-                        break
-                lr_f = self._lr_factor(progress)
-                for g in self.opt.param_groups:
-                    g["lr"] = tc["lr"] * lr_f
-                loader = make_loader(self.train_recs, tc["batch_size"], True, aug, seed=self.seed + self.epoch,
-                                     num_workers=tc["num_workers"])
-                loader.dataset.epoch = self.epoch
-                adversarial = self.adv != "none" and self.epoch >= tc["adv_start_epoch"]
-                sums: dict[str, float] = {}
-                n = 0
-                bar = progress_bar(loader, desc=f"epoch {self.epoch + 1}/{tc['epochs']}", leave=False, disable=not self.progress, log_lines=False)
-                for batch in bar:
-                    logs = self._step(batch["image"].to(self.device), batch["label"].to(self.device), adversarial)
-                    for k, v in logs.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    n += 1
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
+                elapsed = time.perf_counter() - t_start
+                if cap and elapsed >= cap:
+                    break
+                row = self._train_epoch(self._set_lr(lr_factor(tc, self.epoch, elapsed)))
                 self.epoch += 1
-                row = {k: sums[k] / n for k in sums}
                 val = validate(self.model, val_loader, self.device)
                 mean = float(np.nanmean(val))
                 self.elapsed = time.perf_counter() - t_start
-                row.update({"epoch": self.epoch, "seconds": round(self.elapsed, 1), "lr": tc["lr"] * lr_f,
-                            "val_dice_mean": mean, **{f"val_dice_{s}": float(v) for s, v in zip(STRUCTURES, val)}})
-                w.writerow({k: row.get(k, "") for k in fields})
-                fh.flush()
-                for k, v in row.items():
-                    if k != "epoch":
-                        tb.add_scalar(k, v, self.epoch)
+                row.update({"epoch": self.epoch, "seconds": round(self.elapsed, 1), "val_dice_mean": mean,
+                            **{f"val_dice_{s}": float(v) for s, v in zip(STRUCTURES, val)}})
+                if mean > self.best:
+                    self.best = mean
+                    save_checkpoint(self.out / "best.pt", self._state(row))
+                save_checkpoint(self.out / "last.pt", self._state(row))
+                log.write(row)  # only once this epoch's checkpoint is safely on disk
                 if self.progress:
                     print(f"epoch {self.epoch}: loss {row.get('loss_g', math.nan):.4f}  val Dice "
                           + " / ".join(f"{v:.3f}" for v in val) + f"  ({self.elapsed:.0f} s)", flush=True)
-                if mean > self.best:
-                    self.best = mean
-                    save_checkpoint(self.out / "best.pt", self._state())
-                save_checkpoint(self.out / "last.pt", self._state())
-        tb.close()
+        finally:
+            log.close()
         if not (self.out / "best.pt").exists():  # e.g. a zero budget: still leave a usable model
-            save_checkpoint(self.out / "best.pt", self._state())
+            save_checkpoint(self.out / "best.pt", self._state(None))
         return {"epochs": self.epoch, "best_val_dice_mean": self.best, "seconds": self.elapsed}
 
 

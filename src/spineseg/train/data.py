@@ -1,0 +1,79 @@
+"""What a training run learns from: the data set, its patient-level split, preprocessed slices, loaders."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data.dataset import SliceRecord, prepare_slices
+from ..data.splits import check_splits, load_splits, make_splits
+from ..errors import SpinesegError
+from ..io.layouts import Case, has_patient_map, load_dataset
+from ..preprocess.pipeline import PreprocessCache, PreprocessConfig
+
+
+def dataset_fingerprint(cases: list[Case]) -> str:
+    """A digest of the data set's content (case ids, patients and file bytes), not of where it lies."""
+    h = hashlib.sha1()
+    for c in sorted(cases, key=lambda c: c.case_id):
+        h.update(f"{c.case_id}\0{c.patient}\0".encode())
+        for f in (c.image, c.label):
+            if f is None:
+                h.update(b"-")
+                continue
+            files = sorted(p for p in Path(f).rglob("*") if p.is_file()) if Path(f).is_dir() else [Path(f)]
+            for p in files:
+                with open(p, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+    return h.hexdigest()
+
+
+def training_cases(data: str | Path, case_is_patient: bool) -> list[Case]:
+    """The labelled training cases of a data set; refuse one that cannot say which slices share a patient."""
+    if not has_patient_map(data) and not case_is_patient:
+        raise SpinesegError("the data set has no patient map (cases.csv with columns case,patient), so slices of one "
+                            "patient could end up in both training and test; add cases.csv, or pass "
+                            "--case-is-patient if every case is its own patient", data)
+    return [c for c in load_dataset(data) if c.subset == "train"]
+
+
+def resolve_splits(cases: list[Case], scheme: str, run_splits: Path, splits_file: str | Path | None) -> list[dict]:
+    """The run's own splits.json if it has one, else the given file, else computed; always checked for leakage."""
+    if run_splits.exists():
+        splits, source = load_splits(run_splits), run_splits
+    elif splits_file is not None:
+        splits, source = load_splits(splits_file), splits_file
+    else:
+        splits, source = make_splits(cases, scheme), None
+    check_splits(splits, cases, source)
+    return splits
+
+
+@dataclass
+class TrainingData:
+    cases: list[Case]
+    splits: list[dict]
+    fold: int
+    train: list[SliceRecord]
+    val: list[SliceRecord]
+
+    @property
+    def split(self) -> dict:
+        return self.splits[self.fold]
+
+
+def load_training_data(cases: list[Case], splits: list[dict], fold: int, pp: PreprocessConfig,
+                       cache: PreprocessCache, progress: bool = True) -> TrainingData:
+    if not 0 <= fold < len(splits):
+        raise SpinesegError(f"fold {fold} does not exist ({len(splits)} splits)")
+    by_id = {c.case_id: c for c in cases}
+    split = splits[fold]
+    train = prepare_slices([by_id[c] for c in split["train"]], pp, cache, progress=progress)
+    val = prepare_slices([by_id[c] for c in split["val"]], pp, cache, progress=progress)
+    if not train:
+        raise SpinesegError(f"fold {fold} has no training cases")
+    if not val:  # a tiny data set: validate on a tenth of the training slices rather than not at all
+        val = train[: max(1, len(train) // 10)]
+    return TrainingData(cases, splits, fold, train, val)

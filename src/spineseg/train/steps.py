@@ -1,0 +1,81 @@
+"""One optimisation step per batch: the generator's supervised loss, plus an adversarial strategy when on.
+
+The adversarial part is a strategy object (`Adversary`), not a subclass: it updates the critic and
+adds the generator's adversarial term. Mixed precision (CUDA) covers the generator's forward pass;
+the critic and every loss run in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .. import NUM_CLASSES
+from .losses import SegLoss, critic_loss, generator_adv_loss, one_hot
+
+
+class Adversary:
+    """The critic, its optimiser and objective (`wgan-gp`, `wgan-clip`, `bce`)."""
+
+    def __init__(self, critic: torch.nn.Module, optimizer: torch.optim.Optimizer, mode: str, n_critic: int = 1,
+                 gp_lambda: float = 10.0, clip: float = 0.01, alpha: float = 0.01):
+        self.critic, self.optimizer, self.mode = critic, optimizer, mode
+        # weight clipping trains the plain Wasserstein objective; the clipping itself follows each update
+        self.objective = "wgan" if mode == "wgan-clip" else mode
+        self.n_critic, self.gp_lambda, self.clip, self.alpha = n_critic, gp_lambda, clip, alpha
+
+    def update_critic(self, image, real_labels, fake_probs) -> float:
+        for _ in range(self.n_critic):
+            loss = critic_loss(self.objective, self.critic, image, real_labels, fake_probs, self.gp_lambda)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.mode == "wgan-clip":
+                with torch.no_grad():
+                    for p in self.critic.parameters():
+                        p.clamp_(-self.clip, self.clip)
+        return float(loss.detach())
+
+    def generator_loss(self, image, fake_probs) -> torch.Tensor:
+        """The generator's adversarial loss (L_WG = -E[D(G(I))] or BCE), with the critic's parameters frozen."""
+        for p in self.critic.parameters():
+            p.requires_grad_(False)
+        try:
+            return generator_adv_loss(self.objective, self.critic, image, fake_probs)
+        finally:
+            for p in self.critic.parameters():
+                p.requires_grad_(True)
+
+
+class GeneratorStep:
+    """Supervised CE + Dice on the labelled batch; with an adversary, critic update(s) first."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, seg_loss: SegLoss,
+                 scaler: torch.amp.GradScaler, device: torch.device, amp: bool, adversary: Adversary | None = None):
+        self.model, self.optimizer, self.seg_loss, self.scaler = model, optimizer, seg_loss, scaler
+        self.device, self.amp, self.adversary = device, amp, adversary
+
+    def _autocast(self):
+        return torch.autocast(self.device.type) if self.amp else contextlib.nullcontext()
+
+    def __call__(self, image: torch.Tensor, labels: torch.Tensor, adversarial: bool) -> dict:
+        logs = {}
+        if adversarial:
+            with torch.no_grad(), self._autocast():
+                fake = torch.softmax(self.model(image).float(), 1)
+            logs["loss_d"] = self.adversary.update_critic(image, one_hot(labels, NUM_CLASSES), fake)
+        with self._autocast():
+            logits = self.model(image)
+        loss = self.seg_loss(logits, labels)
+        logs["loss_seg"] = float(loss.detach())
+        if adversarial:
+            adv = self.adversary.generator_loss(image, torch.softmax(logits.float(), 1))
+            logs["loss_adv"] = float(adv.detach())
+            loss = loss + self.adversary.alpha * adv
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        logs["loss_g"] = float(loss.detach())
+        return logs

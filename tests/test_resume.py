@@ -1,0 +1,185 @@
+"""Training runs that survive interruptions: exact resume, refused changes, crash-safe checkpoints and logs."""
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from spineseg.cli import main
+from spineseg.errors import SpinesegError
+from spineseg.models.checkpoint import load_checkpoint
+from spineseg.train.loop import Trainer
+
+# adversarial from the second epoch on: the critic, its optimiser and the gradient penalty's RNG all matter
+TINY = {"preprocess": {"target_size": 64}, "model": {"base": 4, "clusters": 8}, "critic": {"base": 4},
+        "train": {"batch_size": 4, "lr": 1e-3, "adv_start_epoch": 1, "max_minutes": None}}
+
+
+def _train(data, out, epochs, resume=False, **kw):
+    sets = {"train": {"epochs": epochs}}
+    if resume:
+        t = Trainer(None, None, out, resume=True, sets=sets, progress=False, cache=out.parent / "cache", **kw)
+    else:
+        t = Trainer(data, "spineseg", out, overrides=TINY, sets=sets, progress=False, cache=out.parent / "cache", **kw)
+    t.fit()
+    return t
+
+
+def _max_weight_difference(a, b):
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    diffs = [float((ca[part][k].float() - cb[part][k].float()).abs().max())
+             for part in ("model", "critic") for k in ca[part]]
+    return max(diffs)
+
+
+def _epochs_in_log(run):
+    with open(run / "log.csv", newline="") as fh:
+        return [int(r["epoch"]) for r in csv.DictReader(fh)]
+
+
+def test_extended_run_ends_with_the_weights_of_an_uninterrupted_run(small_phantom, tmp_path):
+    _train(small_phantom, tmp_path / "once", 4)
+    _train(small_phantom, tmp_path / "twice", 2)
+    _train(small_phantom, tmp_path / "twice", 4, resume=True)
+    assert load_checkpoint(tmp_path / "twice" / "last.pt")["epoch"] == 4
+    assert _max_weight_difference(tmp_path / "once" / "last.pt", tmp_path / "twice" / "last.pt") <= 1e-6
+    assert _epochs_in_log(tmp_path / "twice") == [1, 2, 3, 4]
+
+
+def test_resume_refuses_any_other_change_and_names_it(small_phantom, tmp_path, capsys):
+    run = tmp_path / "r"
+    _train(small_phantom, run, 1)
+    for sets, key in (({"model": {"base": 8}}, "model.base"), ({"augment": {"rotate_deg": 3.0}}, "augment.rotate_deg"),
+                      ({"train": {"lr": 0.5}}, "train.lr")):
+        with pytest.raises(SpinesegError, match=key):
+            Trainer(None, None, run, resume=True, sets=sets, progress=False)
+    with pytest.raises(SpinesegError, match="--seed"):
+        Trainer(None, None, run, resume=True, seed=7, progress=False)
+    with pytest.raises(SpinesegError, match="--model"):
+        Trainer(None, "unet", run, resume=True, progress=False)
+    # the same data moved elsewhere is accepted; different content is not
+    moved = tmp_path / "moved"
+    shutil.copytree(small_phantom, moved)
+    Trainer(moved, None, run, resume=True, sets={"train": {"epochs": 1}}, progress=False, cache=tmp_path / "cache")
+    (moved / "cases.csv").write_text((moved / "cases.csv").read_text().replace("P007", "P006"))
+    with pytest.raises(SpinesegError, match="differs in content"):
+        Trainer(moved, None, run, resume=True, progress=False, cache=tmp_path / "cache")
+    # a finished run says so instead of silently doing nothing
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0
+    assert "already finished its 1 epochs" in capsys.readouterr().out
+
+
+_KILL_DURING_SAVE = textwrap.dedent("""
+    import os, sys, time, torch
+    import spineseg.models.checkpoint as ck
+    real_save = torch.save
+    saves = []
+    def slow_save(obj, f, *a, **k):
+        if ".last.pt." in str(f):
+            saves.append(f)
+        if len(saves) == 2 and ".last.pt." in str(f):  # epoch 2's last.pt: write half of it, then hang
+            with open(f, "wb") as fh:
+                fh.write(b"half a checkpoint")
+                fh.flush()
+            print("WRITING", flush=True)
+            time.sleep(60)
+        return real_save(obj, f, *a, **k)
+    torch.save = slow_save
+    from spineseg.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_sigkill_while_writing_a_checkpoint_leaves_a_loadable_run_and_no_duplicate_log_rows(small_phantom, tmp_path):
+    import yaml
+
+    run = tmp_path / "r"
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    base = ["train", "--data", str(small_phantom), "--model", "spineseg", "--config", str(cfg), "--out", str(run),
+            "--cache", str(tmp_path / "cache"), "--quiet", "--set", "train.epochs=3"]
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_DURING_SAVE] + base, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    line = ""
+    while time.time() < deadline and "WRITING" not in line:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+    assert "WRITING" in line, "the training process never reached the checkpoint write"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # every earlier output is intact and loadable; the killed write left a temporary beside it
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert load_checkpoint(run / "best.pt")["epoch"] in (1, 2)
+    debris = [p for p in os.listdir(run) if "spineseg-tmp" in p]
+    assert debris
+    # the next start cleans the debris and finishes with each epoch logged once
+    assert main(["train", "--out", str(run), "--resume", "--quiet", "--cache", str(tmp_path / "cache")]) == 0
+    assert not [p for p in os.listdir(run) if "spineseg-tmp" in p]
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3
+    assert _epochs_in_log(run) == [1, 2, 3]
+
+
+def test_a_log_row_lost_after_its_checkpoint_is_restored_on_resume(small_phantom, tmp_path):
+    run = tmp_path / "r"
+    _train(small_phantom, run, 2)
+    lines = (run / "log.csv").read_text().splitlines()
+    (run / "log.csv").write_text("\n".join(lines[:-1]) + "\n")  # killed between last.pt and the log row
+    _train(small_phantom, run, 3, resume=True)
+    assert _epochs_in_log(run) == [1, 2, 3]
+
+
+def test_critic_learning_rate_follows_the_generator_schedule(small_phantom, tmp_path):
+    t = Trainer(small_phantom, "spineseg", tmp_path / "r", overrides=TINY,
+                sets={"train": {"epochs": 3, "schedule_epochs": 3, "lr_critic": 1e-2}}, progress=False,
+                cache=tmp_path / "cache")
+    t.fit()
+    g, d = t.opt.param_groups[0]["lr"], t.opt_d.param_groups[0]["lr"]
+    assert g < 1e-3 and d / g == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("text,key", [
+    ("augment: {rotate: 3}\n", "augment.rotate"),
+    ("critic: {bogus: 1}\n", "critic.bogus"),
+    ("train: {epochs: two}\n", "train.epochs"),
+    ("model: {base: 4.5}\n", "model.base"),
+])
+def test_bad_config_fails_before_any_work_for_every_model(small_phantom, tmp_path, capsys, text, key):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    for model in ("unet", "spineseg"):  # a critic typo is refused for a supervised model too
+        run = tmp_path / f"r-{model}"
+        rc = main(["train", "--data", str(small_phantom), "--model", model, "--config", str(cfg), "--out", str(run),
+                   "--cache", str(tmp_path / "cache"), "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and key in err, err
+        assert not run.exists() and not (tmp_path / "cache").exists()  # nothing written, nothing preprocessed
+
+
+def test_binary_config_and_bad_set_are_one_line(small_phantom, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(bytes(range(256)) * 4)
+    rc = main(["train", "--data", str(small_phantom), "--model", "unet", "--config", str(cfg), "--out",
+               str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "c.yaml" in err
+    rc = main(["train", "--data", str(small_phantom), "--model", "unet", "--set", "train.epochs", "--out",
+               str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "KEY=VALUE" in err
+
+
+def test_set_reaches_the_stored_config(small_phantom, tmp_path):
+    assert main(["train", "--data", str(small_phantom), "--model", "unet", "--out", str(tmp_path / "r"), "--quiet",
+                 "--cache", str(tmp_path / "cache"), "--set", "preprocess.target_size=64", "--set", "model.base=4",
+                 "--set", "train.epochs=1", "--set", "train.batch_size=8"]) == 0
+    cfg = load_checkpoint(tmp_path / "r" / "last.pt")["config"]
+    assert cfg["model"]["base"] == 4 and cfg["train"]["epochs"] == 1 and cfg["train"]["batch_size"] == 8
+
