@@ -114,6 +114,11 @@ def test_nnunet_export_and_import(small_phantom, tmp_path):
     pat = lambda ids: {i.split("_")[0] for i in ids}  # noqa: E731
     for s, o in zip(nn, splits):
         assert not (pat(s["train"]) & pat(s["val"])) and sorted(s["val"]) == sorted(o["test"])
+    import csv
+
+    with open(folder / "cases.csv", newline="") as fh:  # the patient map travels with the exported cases
+        exported = {r["case"]: r["patient"] for r in csv.DictReader(fh)}
+    assert exported == {c.case_id: c.patient for c in load_dataset(small_phantom)}
     img = read_label(folder / "labelsTr" / "P000_00.nii.gz")
     assert img.spacing == pytest.approx((1.5625, 1.5625))
     # nnU-Net's predictions come back as {case}.nii.gz

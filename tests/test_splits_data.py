@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from spineseg.data.augment import AugmentConfig, random_affine
+from spineseg.data.augment import AugmentConfig, augment
 from spineseg.data.dataset import make_loader, prepare_slices
 from spineseg.data.splits import kfold_splits, load_splits, paper_splits, write_splits
 from spineseg.errors import SpinesegError
@@ -59,13 +59,13 @@ def test_augment_is_joint_and_label_safe():
     g = torch.Generator().manual_seed(0)
     cfg = AugmentConfig(intensity=0.0)
     for _ in range(5):
-        a, m = random_affine(img, mask, cfg, g)
+        a, m = augment(img, mask, cfg, g)
         assert a.shape == img.shape and m.shape == mask.shape
         assert set(m.unique().tolist()) <= {0, 3}
         # the mask moved with the image: bright pixels are where the mask is
         assert a[0][m == 3].mean() > 0.9 and a[0][m == 0].mean() < 0.2
     ident = AugmentConfig(rotate_deg=0, scale=(1, 1), shift=0, intensity=0)
-    a, m = random_affine(img, mask, ident, g)
+    a, m = augment(img, mask, ident, g)
     assert torch.allclose(a, img, atol=1e-5) and torch.equal(m, mask)
 
 
@@ -92,3 +92,142 @@ def test_pairs_layout_and_mismatch(tmp_path):
     (tmp_path / "images" / "b.png").write_bytes(b"garbage")
     with pytest.raises(SpinesegError, match="no mask for image b.png"):
         load_dataset(tmp_path)
+
+
+def _copy_without_patient_map(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "cases.csv").unlink()
+    return dst
+
+
+def test_training_without_a_patient_map_is_refused_unless_each_case_is_a_patient(small_phantom, tmp_path, capsys):
+    from spineseg.cli import main
+
+    data = _copy_without_patient_map(small_phantom, tmp_path / "data")
+    args = ["train", "--data", str(data), "--model", "unet", "--out", str(tmp_path / "r"), "--quiet",
+            "--cache", str(tmp_path / "cache"), "--set", "preprocess.target_size=64", "--set", "model.base=4",
+            "--set", "train.epochs=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "patient map" in err and "--case-is-patient" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+    assert main(args + ["--case-is-patient"]) == 0
+    assert main(["experiment", "--data", str(data), "--models", "unet", "--epochs", "1",
+                 "--out", str(tmp_path / "e"), "--quiet"]) == 2
+    assert "patient map" in capsys.readouterr().err
+
+
+def test_a_splits_file_that_leaks_a_patient_is_refused_naming_it(small_phantom, tmp_path, capsys):
+    import json
+
+    from spineseg.cli import main
+
+    cases = load_dataset(small_phantom)
+    good = kfold_splits(cases)
+    leaky = json.loads(json.dumps(good))
+    moved = next(c for c in leaky[0]["test"])  # one slice of a test patient moves to training
+    leaky[0]["test"].remove(moved)
+    leaky[0]["train"].append(moved)
+    patient = moved.split("_")[0]
+    (tmp_path / "leaky.json").write_text(json.dumps(leaky))
+    rc = main(["train", "--data", str(small_phantom), "--model", "unet", "--splits", str(tmp_path / "leaky.json"),
+               "--out", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"patient '{patient}'" in err and "leakage" in err and "leaky.json" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_experiment_refuses_a_split_without_test_patients(small_phantom, tmp_path, capsys):
+    import json
+
+    from spineseg.cli import main
+
+    splits = kfold_splits(load_dataset(small_phantom))
+    for s in splits:
+        s["train"] += s.pop("test")
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "splits.json").write_text(json.dumps(splits))
+    rc = main(["experiment", "--data", str(small_phantom), "--models", "unet", "--epochs", "1", "--out", str(out),
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no test list" in err
+    assert sorted(p.name for p in out.iterdir()) == ["splits.json"]  # nothing trained or written
+
+
+@pytest.fixture(scope="module")
+def padded_record():
+    """A wide phantom slice at a fixed working resolution: the network canvas holds zero padding."""
+    from spineseg.data.dataset import SliceRecord
+    from spineseg.data.phantom import phantom_slice
+    from spineseg.preprocess.pipeline import preprocess_slice
+
+    s = phantom_slice(0, 1, 0, size=160, spacing=1.0)
+    cfg = PreprocessConfig(target_size=192, target_spacing=1.0)
+    img, lab, g = preprocess_slice(s.image, s.spacing, cfg, s.label)
+    assert not g.content_mask().all()
+    return SliceRecord("c", "p", 0, img, lab, g), s, cfg
+
+
+NO_CHANGE = dict(rotate_deg=0.0, scale=(1.0, 1.0), shift=0.0, intensity=0.0)
+
+
+def test_training_sample_without_random_changes_equals_the_inference_input(padded_record):
+    from spineseg.data.dataset import SliceDataset
+    from spineseg.preprocess.pipeline import preprocess_slice
+
+    rec, s, cfg = padded_record
+    item = SliceDataset([rec], AugmentConfig(**NO_CHANGE))[0]
+    inference_input, _, _ = preprocess_slice(s.image, s.spacing, cfg)
+    assert torch.allclose(item["image"][0], torch.from_numpy(inference_input), atol=1e-5)  # float32 resampling
+
+
+def test_intensity_randomisation_keeps_padding_at_zero_and_zscores_the_content(padded_record):
+    from spineseg.data.dataset import SliceDataset
+
+    rec, _, _ = padded_record
+    content = torch.from_numpy(rec.geometry.content_mask())
+    for noise in (0.0, 0.2):
+        ds = SliceDataset([rec], AugmentConfig(**NO_CHANGE, gamma=0.5, bias=0.3, blur=1.0, noise=noise))
+        for epoch in range(3):
+            ds.epoch = epoch
+            x = ds[0]["image"][0]
+            assert torch.all(x[~content] == 0)  # padding untouched, as at inference
+            if not noise:
+                assert abs(float(x[content].mean())) < 1e-4 and abs(float(x[content].std()) - 1) < 1e-3
+
+
+def test_random_contrast_and_offset_survive_intensity_randomisation(padded_record):
+    from spineseg.data.dataset import SliceDataset
+
+    rec, _, _ = padded_record
+    content = torch.from_numpy(rec.geometry.content_mask())
+    ds = SliceDataset([rec], AugmentConfig(**dict(NO_CHANGE, intensity=0.3), gamma=0.5, bias=0.3))
+    means, stds = [], []
+    for epoch in range(12):
+        ds.epoch = epoch
+        x = ds[0]["image"][0][content]
+        means.append(float(x.mean()))
+        stds.append(float(x.std()))
+    assert np.std(means) > 0.05 and np.std(stds) > 0.05  # not re-normalised away
+
+
+def test_images_are_low_pass_filtered_before_downsampling():
+    from spineseg.preprocess.pipeline import _resize
+
+    stripes = np.tile(np.array([0.0, 1.0], np.float32), (64, 32))  # 1-pixel stripes: pure high frequency
+    small = _resize(stripes, (21, 21), order=1)
+    assert float(small.std()) < 0.05  # anti-aliased: a flat grey, not a moire pattern
+    assert np.array_equal(_resize(stripes.astype(np.uint8), (21, 21), order=0).astype(bool),
+                          _resize(stripes.astype(np.uint8), (21, 21), order=0).astype(bool))
+
+
+@pytest.mark.parametrize("img", [np.zeros((64, 64)), np.full((64, 64), 7.0), np.ones((1, 1)),
+                                 np.pad(np.ones((4, 4)), 30)])
+def test_degenerate_images_have_no_image_content(img):
+    from spineseg.preprocess.pipeline import preprocess_slice
+
+    with pytest.raises(SpinesegError, match="no image content"):
+        preprocess_slice(img.astype(np.float32), (1.0, 1.0), PreprocessConfig(target_size=64))

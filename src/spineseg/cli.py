@@ -73,9 +73,11 @@ def cmd_info(a) -> int:
 def cmd_train(a) -> int:
     from .train.loop import train
 
+    from .train.config import parse_set
+
     res = train(data=a.data, model=a.model, out=a.out, config=a.config, fold=a.fold, split=a.split,
                 resume=a.resume, seed=a.seed, device=a.device, cache=a.cache, splits_file=a.splits,
-                progress=not a.quiet)
+                progress=not a.quiet, sets=parse_set(a.set), case_is_patient=a.case_is_patient)
     print(json.dumps(res))
     print(f"checkpoints: {Path(a.out) / 'best.pt'} (best validation Dice), {Path(a.out) / 'last.pt'}")
     return 0
@@ -115,9 +117,12 @@ def cmd_experiment(a) -> int:
 
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     folds = [int(f) for f in a.folds.split(",")]
+    from .train.config import parse_set
+
     run_experiment(a.data, models, a.out, split=a.split, folds=folds, budget_minutes=a.budget_minutes,
                    epochs=a.epochs, config=a.config, seed=a.seed, reference=a.reference, progress=not a.quiet,
-                   argv=sys.argv[1:], postprocess=a.postprocess)
+                   argv=sys.argv[1:], postprocess=a.postprocess, sets=parse_set(a.set),
+                   case_is_patient=a.case_is_patient)
     return 0
 
 
@@ -185,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "vertebral body, vertebral foramen (canal), lamina.")
     p.add_argument("--version", action="version", version=f"spineseg {__version__}")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("phantom", help="generate the synthetic axial lumbar MRI data set (nnU-Net raw layout)")
     s.add_argument("--out", required=True)
@@ -227,18 +232,25 @@ def build_parser() -> argparse.ArgumentParser:
     from .models.registry import model_names
 
     s = sub.add_parser("train", help="train a model (an ablation row or the full adversarial model)")
-    s.add_argument("--data", required=True, help="data set folder (nnU-Net raw layout or images/ + masks/)")
-    s.add_argument("--model", required=True, choices=model_names())
+    s.add_argument("--data", help="data set folder (nnU-Net raw layout or images/ + masks/); with --resume: the same "
+                   "data, possibly moved (checked by content)")
+    s.add_argument("--model", choices=model_names(), help="registry row to train (with --resume: must match the run)")
     s.add_argument("--config", help="YAML schedule, e.g. configs/paper.yaml or cpu-quick (default: built-in)")
-    s.add_argument("--fold", type=int, default=0)
-    s.add_argument("--split", choices=["kfold", "paper"], default="kfold")
-    s.add_argument("--splits", help="use this splits.json instead of computing one")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override one config value, dotted key (repeatable), e.g. --set train.epochs=2")
+    s.add_argument("--fold", type=int, default=None, help="fold of the split to train (default 0)")
+    s.add_argument("--split", choices=["kfold", "paper"], default=None, help="split scheme (default kfold)")
+    s.add_argument("--splits", help="use this splits.json instead of computing one (checked for patient leakage)")
+    s.add_argument("--case-is-patient", action="store_true",
+                   help="the data set has no cases.csv and every case is its own patient")
     s.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, tb/)")
-    s.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    s.add_argument("--cache", default=None, help="preprocessing cache folder")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--resume", action="store_true", help="continue OUT/last.pt; only train.epochs and "
+                   "train.max_minutes may change (through --set)")
+    s.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
+    s.add_argument("--cache", default=None, help="preprocessing cache folder (default $SPINESEG_CACHE or "
+                   "~/.cache/spineseg/preprocessed)")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("predict", help="segment images with a trained model")
@@ -278,7 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget = s.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-minutes", type=float, help="equal training wall time per model")
     budget.add_argument("--epochs", type=int, help="equal number of epochs per model")
-    s.add_argument("--config", default="cpu-quick")
+    s.add_argument("--config", default="cpu-quick", help="YAML schedule every model is trained with")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override one config value for every model, dotted key (repeatable)")
+    s.add_argument("--case-is-patient", action="store_true",
+                   help="the data set has no cases.csv and every case is its own patient")
     s.add_argument("--reference", help="row the p-values refer to (default: spineseg if present, else the last)")
     s.add_argument("--postprocess", choices=["largest", "none"], default="largest",
                    help="keep the largest connected region of each structure (default) or nothing")
@@ -325,18 +341,65 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", default=None, help="also write the rows as JSON")
     s.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
     s.set_defaults(func=cmd_bench)
+    _finish(p)
     return p
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default (where it has one worth showing)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _finish(parser: argparse.ArgumentParser) -> None:
+    """Every sub-command shows defaults in its help and takes --quiet."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                sp.formatter_class = _HelpFormatter
+                if not any("--quiet" in a.option_strings for a in sp._actions) and not any(
+                        isinstance(a, argparse._SubParsersAction) for a in sp._actions):
+                    sp.add_argument("--quiet", action="store_true", help="no progress output")
+                _finish(sp)
+
+
+# output paths that name a file (sub-command -> argument); every other `--out` names a folder
+FILE_OUTPUTS = {"split": ("out",), "pack": ("out",), "bench": ("json",), "preprocess": ("preview",),
+                "phantom": ("preview",), "export": ("onnx",)}
+
+
+def check_outputs(a) -> None:
+    """Refuse unusable output paths with one line before any work starts; clean a killed run's debris."""
+    from .io.atomic import check_output_file, check_output_folder, remove_stale_temporaries
+
+    files = FILE_OUTPUTS.get(a.command, ())
+    for name in files:
+        if getattr(a, name, None):
+            check_output_file(getattr(a, name))
+    if "out" not in files and getattr(a, "out", None):
+        out = check_output_folder(a.out)
+        remove_stale_temporaries(out)
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
+        check_outputs(a)
         return int(a.func(a) or 0)
     except SpinesegError as exc:
         if a.debug:
             raise
         print(f"spineseg: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk or a file system that refuses a write mid-way: still one line
+        if a.debug:
+            raise
+        where = exc.filename or getattr(a, "out", None) or ""
+        print(f"spineseg: error: {where}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("spineseg: interrupted", file=sys.stderr)

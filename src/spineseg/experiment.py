@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.splits import load_splits, make_splits, write_splits
+from .data.splits import check_splits, load_splits, make_splits, write_splits
 from .errors import SpinesegError
 from .io.atomic import atomic_write_text
-from .io.layouts import load_dataset
 from .models.registry import model_names
 
 
@@ -33,11 +32,14 @@ def _log(msg: str) -> None:
 
 def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,), budget_minutes: float | None = None,
                    epochs: int | None = None, config: str = "cpu-quick", seed: int = 0, reference: str | None = None,
-                   progress: bool = True, argv: list[str] | None = None, postprocess: str = "largest") -> Path:
+                   progress: bool = True, argv: list[str] | None = None, postprocess: str = "largest",
+                   sets: dict | None = None, case_is_patient: bool = False) -> Path:
     from .eval.compare import write_comparison
     from .eval.evaluate import evaluate_folders, read_per_slice, write_reports
     from .infer.predict import Predictor
     from .io.images import read_image, write_labels_like
+    from .train.config import resolve_config
+    from .train.data import training_cases
     from .train.loop import Trainer
 
     unknown = [m for m in models if m not in model_names()]
@@ -45,34 +47,39 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
         raise SpinesegError(f"unknown models {unknown}; choose from {', '.join(model_names())}")
     if budget_minutes is None and epochs is None:
         raise SpinesegError("give --budget-minutes or --epochs (an equal budget for every model)")
+    overrides = {"train": {}}
+    if budget_minutes is not None:  # the schedule then follows the elapsed fraction of the budget
+        overrides["train"].update(max_minutes=float(budget_minutes), epochs=epochs or 100000)
+    else:  # the learning rate decays over exactly the epoch budget
+        overrides["train"].update(epochs=int(epochs), max_minutes=None, schedule_epochs=int(epochs))
+    for m in models:  # every config error surfaces before anything is written
+        resolve_config(m, config, overrides, sets)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cases = [c for c in load_dataset(data) if c.subset == "train"]
+    cases = training_cases(data, case_is_patient)
     by_id = {c.case_id: c for c in cases}
     split_path = out / "splits.json"
-    if split_path.exists():
-        splits = load_splits(split_path)
-    else:
-        splits = make_splits(cases, split)
+    splits = load_splits(split_path) if split_path.exists() else make_splits(cases, split)
+    check_splits(splits, cases, split_path if split_path.exists() else None)
+    for k in folds:
+        if not 0 <= k < len(splits):
+            raise SpinesegError(f"fold {k} does not exist ({len(splits)} splits)")
+        if not splits[k].get("test"):
+            raise SpinesegError(f"fold {k} has no test list: an experiment tests on held-out patients, never on "
+                                "the validation patients", split_path if split_path.exists() else data)
+    out.mkdir(parents=True, exist_ok=True)
+    if not split_path.exists():
         write_splits(split_path, splits)
     meta = {"command": "spineseg " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])), "data": str(Path(data).resolve()),
             "models": models, "split": split, "folds": list(folds), "budget_minutes": budget_minutes, "epochs": epochs,
-            "config": config, "seed": seed, "postprocess": postprocess}
+            "config": config, "sets": sets or {}, "seed": seed, "postprocess": postprocess}
     phantom = Path(data) / "phantom.json"
     if phantom.exists():
         meta["phantom"] = json.loads(phantom.read_text())
     atomic_write_text(out / "experiment.json", json.dumps(meta, indent=1) + "\n")
-    overrides = {"train": {}}
-    if budget_minutes is not None:
-        overrides["train"].update(max_minutes=float(budget_minutes), epochs=epochs or 100000)
-    else:
-        overrides["train"].update(epochs=int(epochs), max_minutes=None)
 
     eval_dirs: dict[str, list[Path]] = {m: [] for m in models}
     for k in folds:
-        if not 0 <= k < len(splits):
-            raise SpinesegError(f"fold {k} does not exist ({len(splits)} splits)")
-        test_ids = splits[k].get("test") or splits[k]["val"]
+        test_ids = splits[k]["test"]
         for m in models:
             run = out / "runs" / m / f"fold{k}"
             done = run / "done.json"
@@ -80,11 +87,13 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
                 t0 = time.perf_counter()
                 if (run / "last.pt").exists():
                     _log(f"[{m} fold {k}] resuming training")
-                    trainer = Trainer(data, m, run, resume=True, cache=out / "cache", progress=progress)
+                    trainer = Trainer(data, m, run, resume=True, cache=out / "cache", progress=progress,
+                                      case_is_patient=case_is_patient)
                 else:
                     _log(f"[{m} fold {k}] training")
                     trainer = Trainer(data, m, run, config=config, fold=k, seed=seed, cache=out / "cache",
-                                      overrides=overrides, progress=progress, splits_file=split_path)
+                                      overrides=overrides, sets=sets, progress=progress, splits_file=split_path,
+                                      case_is_patient=case_is_patient)
                 res = trainer.fit()
                 atomic_write_text(done, json.dumps({**res, "wall_seconds": time.perf_counter() - t0}, indent=1) + "\n")
             pred_dir = run / "pred"
@@ -128,7 +137,7 @@ def _overlay_figure(out: Path, models, fold, splits, by_id, path, n: int = 4) ->
     from .eval.figures import overlay_grid
     from .io.images import read_image, read_label
 
-    test_ids = sorted(splits[fold].get("test") or splits[fold]["val"])
+    test_ids = sorted(splits[fold]["test"])
     pick = [test_ids[i] for i in np.linspace(0, len(test_ids) - 1, min(n, len(test_ids))).round().astype(int)]
     images, gts, preds = [], [], {m: [] for m in models}
     for cid in pick:

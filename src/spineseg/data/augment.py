@@ -1,4 +1,12 @@
-"""Joint image / mask augmentation (rotation, scale, crop-like shift, optional left-right flip)."""
+"""Joint image / mask augmentation: geometry (rotation, scale, shift, optional left-right flip) and intensity.
+
+Training must see what inference sees. Inference z-scores the image *content* (the part of the network
+canvas that holds the image) and leaves the zero padding at exactly 0; so does every augmented
+sample here. The content mask travels through the same geometric transform as the image; intensity
+randomisation (MONAI's gamma, bias field and noise transforms, and a Gaussian blur) acts on the content
+only, which is then z-scored again over the content; the random linear contrast / offset comes after that
+z-score, so that it is not cancelled.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +19,16 @@ import torch.nn.functional as F
 
 @dataclass
 class AugmentConfig:
+    __pydantic_config__ = {"extra": "forbid"}  # validated as the `augment` section of the config schema
+
     rotate_deg: float = 15.0
     scale: tuple[float, float] = (0.85, 1.15)
     shift: float = 0.08  # fraction of the image size (a random crop, resampled to the same size)
     flip_lr: bool = False  # anatomically safe only left-right; off by default
-    intensity: float = 0.1  # random linear contrast / offset jitter on the z-scored image
+    intensity: float = 0.1  # random linear contrast / offset on the z-scored content (applied last)
     # domain randomisation at training time (0 = off)
-    gamma: float = 0.0  # gamma drawn log-uniformly in [exp(-g), exp(g)] on the min-max normalised image
-    bias: float = 0.0  # amplitude of a smooth multiplicative bias field
+    gamma: float = 0.0  # gamma drawn log-uniformly in [exp(-g), exp(g)] on the content's intensity range
+    bias: float = 0.0  # strength of a smooth multiplicative bias field (MONAI RandBiasField coefficients up to bias/2)
     noise: float = 0.0  # max std of added Gaussian noise (z-score units)
     blur: float = 0.0  # probability of a Gaussian blur with sigma in [0.5, 1.5] px
 
@@ -32,57 +42,85 @@ class AugmentConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def randomises_intensity(self) -> bool:
+        return bool(self.gamma or self.bias or self.noise or self.blur)
 
-def random_affine(image: torch.Tensor, mask: torch.Tensor | None, cfg: AugmentConfig, gen: torch.Generator):
-    """``image`` (C, H, W) float, ``mask`` (H, W) long. Same transform for both; mask uses nearest."""
-    def u(a, b):
-        return a + (b - a) * float(torch.rand((), generator=gen))
 
-    ang = math.radians(u(-cfg.rotate_deg, cfg.rotate_deg))
-    s = u(*cfg.scale)
-    tx, ty = u(-cfg.shift, cfg.shift) * 2, u(-cfg.shift, cfg.shift) * 2
+def _uniform(gen: torch.Generator, a: float, b: float) -> float:
+    return a + (b - a) * float(torch.rand((), generator=gen))
+
+
+def random_geometry(image: torch.Tensor, masks: list[torch.Tensor], cfg: AugmentConfig, gen: torch.Generator):
+    """One random affine applied to ``image`` (C, H, W; bilinear) and to each (H, W) mask (nearest)."""
+    ang = math.radians(_uniform(gen, -cfg.rotate_deg, cfg.rotate_deg))
+    s = _uniform(gen, *cfg.scale)
+    tx, ty = _uniform(gen, -cfg.shift, cfg.shift) * 2, _uniform(gen, -cfg.shift, cfg.shift) * 2
     flip = -1.0 if (cfg.flip_lr and float(torch.rand((), generator=gen)) < 0.5) else 1.0
     c, si = math.cos(ang) / s, math.sin(ang) / s
     theta = torch.tensor([[c * flip, -si, tx], [si * flip, c, ty]], dtype=image.dtype)[None]
     grid = F.affine_grid(theta, (1,) + tuple(image.shape), align_corners=False)
     img = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-    if cfg.intensity:
-        a = 1.0 + u(-cfg.intensity, cfg.intensity)
-        b = u(-cfg.intensity, cfg.intensity)
-        img = img * a + b
-    img = random_intensity(img, cfg, gen)
-    m = None
-    if mask is not None:
-        m = F.grid_sample(mask[None, None].float(), grid, mode="nearest", padding_mode="zeros",
-                          align_corners=False)[0, 0].long()
-    return img, m
+    out = [F.grid_sample(m[None, None].float(), grid, mode="nearest", padding_mode="zeros",
+                         align_corners=False)[0, 0].to(m.dtype) for m in masks]
+    return img, out
 
 
-def random_intensity(img: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """Gamma, smooth bias field, blur and noise on a (C, H, W) image, then z-score again."""
-    if not (cfg.gamma or cfg.bias or cfg.noise or cfg.blur):
+def zscore_content(img: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+    """Z-score over the content pixels; 0 elsewhere (what inference feeds the network)."""
+    vals = img[:, content]
+    if vals.numel() < 2:
+        return torch.zeros_like(img)
+    out = (img - vals.mean()) / (vals.std() + 1e-6)
+    return torch.where(content, out, torch.zeros_like(out))
+
+
+def random_intensity(img: torch.Tensor, content: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Gamma, bias field, blur and noise on the content of a (C, H, W) image, z-scored again over the content."""
+    from monai.transforms import GaussianSmooth, RandAdjustContrast, RandBiasField, RandGaussianNoise
+
+    if not content.any():
         return img
 
-    def u(a, b):
-        return a + (b - a) * float(torch.rand((), generator=gen))
+    def seeded(t):
+        t.set_random_state(int(torch.randint(0, 2 ** 31 - 1, (), generator=gen)))
+        return t
 
-    lo, hi = img.min(), img.max()
-    x = (img - lo) / (hi - lo).clamp_min(1e-6)
+    x = img.clone()
     if cfg.gamma:
-        x = x.clamp_min(0) ** math.exp(u(-cfg.gamma, cfg.gamma))
+        g = math.exp(cfg.gamma)
+        x[:, content] = torch.as_tensor(seeded(RandAdjustContrast(prob=1.0, gamma=(1 / g, g)))(x[:, content]))
     if cfg.bias:
-        coarse = torch.randn((1, 1, 4, 4), generator=gen)
-        field = F.interpolate(coarse, size=img.shape[-2:], mode="bicubic", align_corners=False)[0]
-        x = x * torch.exp(cfg.bias * field / field.abs().max().clamp_min(1e-6))
+        lo = float(x[:, content].min())
+        field_input = torch.where(content, x - lo + 1e-3, torch.zeros_like(x))  # positive content, zero padding
+        x = torch.as_tensor(seeded(RandBiasField(degree=3, coeff_range=(0.0, cfg.bias / 2), prob=1.0))(field_input))
     if cfg.blur and float(torch.rand((), generator=gen)) < cfg.blur:
-        sigma = u(0.5, 1.5)
-        r = int(math.ceil(2.5 * sigma))
-        t = torch.arange(-r, r + 1, dtype=x.dtype)
-        k = torch.exp(-0.5 * (t / sigma) ** 2)
-        k = k / k.sum()
-        x = F.conv2d(x[None], k.view(1, 1, 1, -1).expand(x.shape[0], 1, 1, -1), padding=(0, r), groups=x.shape[0])
-        x = F.conv2d(x, k.view(1, 1, -1, 1).expand(x.shape[1], 1, -1, 1), padding=(r, 0), groups=x.shape[1])[0]
-    x = (x - x.mean()) / x.std().clamp_min(1e-6)
+        # normalised convolution: blur the content without pulling the zero padding into its border
+        smooth = GaussianSmooth(sigma=_uniform(gen, 0.5, 1.5))
+        weight = content[None].float()
+        x = torch.as_tensor(smooth(x * weight)) / torch.as_tensor(smooth(weight)).clamp_min(1e-3)
+    x = zscore_content(x, content)
     if cfg.noise:
-        x = x + u(0, cfg.noise) * torch.randn(x.shape, generator=gen)
+        std = _uniform(gen, 0.0, cfg.noise)
+        x[:, content] = torch.as_tensor(seeded(RandGaussianNoise(prob=1.0, std=std, sample_std=False))(x[:, content]))
     return x
+
+
+def augment(image: torch.Tensor, mask: torch.Tensor | None, cfg: AugmentConfig, gen: torch.Generator,
+            content: torch.Tensor | None = None):
+    """Augment one sample: ``image`` (C, H, W) z-scored over ``content`` (H, W bool; the whole canvas if None),
+    ``mask`` (H, W) long labels or None. Returns ``(image, mask)``; padding outside the content stays 0."""
+    if content is None:
+        content = torch.ones(image.shape[-2:], dtype=torch.bool)
+    masks = [content] + ([mask] if mask is not None else [])
+    img, moved = random_geometry(image, masks, cfg, gen)
+    content = moved[0].bool()
+    if cfg.randomises_intensity:
+        img = random_intensity(img, content, cfg, gen)
+    if cfg.intensity:
+        a, b = 1.0 + _uniform(gen, -cfg.intensity, cfg.intensity), _uniform(gen, -cfg.intensity, cfg.intensity)
+        img = torch.where(content, img * a + b, torch.zeros_like(img))
+    else:
+        img = torch.where(content, img, torch.zeros_like(img))
+    return img, (moved[1] if mask is not None else None)
+

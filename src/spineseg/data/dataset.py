@@ -13,7 +13,7 @@ from ..progress import progress as progress_bar
 from ..io.images import check_pair, read_image, read_label
 from ..io.layouts import Case
 from ..preprocess.pipeline import Geometry, PreprocessCache, PreprocessConfig, preprocess_slice
-from .augment import AugmentConfig, random_affine
+from .augment import AugmentConfig, augment
 
 
 @dataclass
@@ -45,7 +45,13 @@ def prepare_slices(cases: list[Case], cfg: PreprocessConfig, cache: PreprocessCa
             key = cache.key(case.image, case.label, i, cfg) if cache is not None else None
             hit = cache.get(key) if key is not None else None
             if hit is None:
-                hit = preprocess_slice(img.data[i], img.spacing, cfg, None if lab is None else lab.data[i])
+                try:
+                    hit = preprocess_slice(img.data[i], img.spacing, cfg, None if lab is None else lab.data[i])
+                except SpinesegError as exc:
+                    if exc.path:
+                        raise
+                    where = f" (slice {i})" if img.num_slices > 1 else ""
+                    raise SpinesegError(exc.problem + where, case.image) from None
                 if key is not None:
                     cache.put(key, *hit)
             out.append(SliceRecord(case.case_id, case.patient, i, *hit))
@@ -86,7 +92,7 @@ class SliceDataset(Dataset):
         lab = torch.from_numpy(r.label.astype(np.int64)) if r.label is not None else None
         if self.augment is not None:
             gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
-            img, lab = random_affine(img, lab, self.augment, gen)
+            img, lab = augment(img, lab, self.augment, gen, torch.from_numpy(r.geometry.content_mask()))
         item = {"image": img.float(), "case": r.case_id, "index": r.index}
         if lab is not None:
             item["label"] = lab

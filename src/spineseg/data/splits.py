@@ -77,8 +77,32 @@ def write_splits(path: str | Path, splits: list[dict]) -> None:
 def load_splits(path: str | Path) -> list[dict]:
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise SpinesegError("not a text file (a splits.json was expected)", path) from None
+    except (OSError, ValueError) as exc:
         raise SpinesegError(f"cannot read splits file ({exc})", path) from None
-    if not isinstance(data, list) or not all(isinstance(d, dict) and "train" in d and "val" in d for d in data):
-        raise SpinesegError("not a splits file: expected a list of {train, val[, test]}", path)
+    ok = isinstance(data, list) and data and all(
+        isinstance(d, dict) and "train" in d and "val" in d and set(d) <= set(SUBSETS)
+        and all(isinstance(v, list) and all(isinstance(c, str) for c in v) for v in d.values()) for d in data)
+    if not ok:
+        raise SpinesegError("not a splits file: expected a list of {train, val[, test]} lists of case ids", path)
     return data
+
+
+SUBSETS = ("train", "val", "test")
+
+
+def check_splits(splits: list[dict], cases, source: str | Path | None = None) -> None:
+    """Refuse splits that name unknown cases or put one patient (or case) in two subsets of a fold."""
+    patient_of = {c.case_id: c.patient for c in cases}
+    for k, fold in enumerate(splits):
+        seen: dict[str, str] = {}
+        for subset in SUBSETS:
+            for cid in fold.get(subset, []):
+                if cid not in patient_of:
+                    raise SpinesegError(f"fold {k}: case {cid!r} ({subset}) is not in the data set", source)
+                patient = patient_of[cid]
+                other = seen.setdefault(patient, subset)
+                if other != subset:
+                    raise SpinesegError(f"fold {k}: patient {patient!r} is in both {other} and {subset} "
+                                        f"(e.g. case {cid}): patient leakage", source)

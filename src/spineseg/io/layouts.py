@@ -25,14 +25,22 @@ def _image_files(folder: Path) -> list[Path]:
                   if not p.name.startswith(".") and (p.is_dir() or file_ext(p) in IMAGE_EXT))
 
 
+PATIENT_MAP = "cases.csv"
+
+
+def has_patient_map(root: str | Path) -> bool:
+    """Whether a data set groups its cases into patients (``cases.csv`` with columns case, patient)."""
+    return (Path(root) / PATIENT_MAP).is_file()
+
+
 def _patients(root: Path) -> dict[str, str]:
-    f = root / "cases.csv"
+    f = root / PATIENT_MAP
     if not f.exists():
         return {}
     with open(f, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    if rows and not {"case", "patient"} <= set(rows[0]):
-        raise SpinesegError("cases.csv needs the columns 'case' and 'patient'", f)
+    if not rows or not {"case", "patient"} <= set(rows[0]):
+        raise SpinesegError("cases.csv needs the columns 'case' and 'patient' and one row per case", f)
     return {r["case"]: r["patient"] for r in rows}
 
 

@@ -20,7 +20,7 @@ from .. import LABELS
 from ..errors import SpinesegError
 from .atomic import atomic_dir, atomic_write_text
 from .images import read_image, read_label, save_slice_nifti
-from .layouts import load_dataset
+from .layouts import PATIENT_MAP, load_dataset
 
 SLICE_SUFFIX = re.compile(r"^(?P<case>.+)_s(?P<idx>\d{3})$")
 
@@ -47,6 +47,9 @@ def export_nnunet(data: str | Path, raw: str | Path, splits: list[dict] | None =
                 save_slice_nifti(tmp / "labelsTr" / f"{cid}.nii.gz", lab.data[i], img.spacing, img.slice_thickness)
             mapping[c.case_id] = ids
         n = sum(len(v) for v in mapping.values())
+        # the patient map travels with the cases, so nnU-Net's folds (and anyone else's) stay patient-level
+        patient_rows = "".join(f"{i},{c.patient}\n" for c in cases for i in mapping[c.case_id])
+        atomic_write_text(tmp / PATIENT_MAP, "case,patient\n" + patient_rows)
         meta = {"channel_names": {"0": "T2"}, "labels": dict(LABELS), "numTraining": n, "file_ending": ".nii.gz",
                 "name": name, "description": "exported by spineseg; single-slice NIfTI, pixel spacing kept"}
         atomic_write_text(tmp / "dataset.json", json.dumps(meta, indent=2) + "\n")

@@ -22,6 +22,8 @@ from .morphology import largest_component
 
 @dataclass
 class PreprocessConfig:
+    __pydantic_config__ = {"extra": "forbid"}  # validated as the `preprocess` section of the config schema
+
     target_size: int = 512  # network input is target_size x target_size
     denoise: bool = True  # wavelet denoising, BayesShrink soft thresholding
     clahe: bool = True
@@ -68,6 +70,14 @@ class Geometry:
             d[k] = tuple(d[k])
         return cls(**d)
 
+    def content_mask(self) -> np.ndarray:
+        """Where the image lies on the network canvas (the rest is zero padding)."""
+        wr0, wr1, wc0, wc1 = self.window
+        orr, oc = self.offset
+        mask = np.zeros((self.out_size, self.out_size), bool)
+        mask[orr:orr + wr1 - wr0, oc:oc + wc1 - wc0] = True
+        return mask
+
     @property
     def out_spacing(self) -> tuple[float, float]:
         """Pixel spacing (mm) on the network grid."""
@@ -80,7 +90,10 @@ class Geometry:
 def denoise(img01: np.ndarray) -> np.ndarray:
     from skimage.restoration import denoise_wavelet
 
-    return denoise_wavelet(img01, method="BayesShrink", mode="soft", rescale_sigma=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = denoise_wavelet(img01, method="BayesShrink", mode="soft", rescale_sigma=True)
+    # a noise-free image (estimated sigma 0) makes BayesShrink divide 0 by 0: there is nothing to denoise
+    return out if np.all(np.isfinite(out)) else img01
 
 
 def clahe(img01: np.ndarray, clip: float) -> np.ndarray:
@@ -89,8 +102,31 @@ def clahe(img01: np.ndarray, clip: float) -> np.ndarray:
     return equalize_adapthist(np.clip(img01, 0, 1), clip_limit=clip)
 
 
+# bump when the pipeline's output changes for the same inputs and options (invalidates cached slices)
+PIPELINE_REVISION = 2
+MIN_SIDE_PX = 16
+NO_CONTENT = "no image content"
+
+
+def check_image_content(img: np.ndarray) -> None:
+    """Refuse a slice with nothing to segment: too small, all one value (e.g. all zero), or not finite."""
+    if min(img.shape) < MIN_SIDE_PX:
+        raise SpinesegError(f"{NO_CONTENT}: {img.shape[1]}x{img.shape[0]} pixels (at least {MIN_SIDE_PX} per side)")
+    if not np.all(np.isfinite(img)):
+        raise SpinesegError(f"{NO_CONTENT}: NaN or infinite pixels")
+    if float(img.max()) == float(img.min()):
+        raise SpinesegError(f"{NO_CONTENT}: every pixel is {float(img.min()):g}")
+
+
+MIN_OUTLINE_MM2 = 1000.0  # a body cross-section smaller than ~3 x 3 cm cannot hold a lumbar vertebra
+
+
 def roi_box(img01: np.ndarray, spacing: tuple[float, float], margin_mm: float) -> tuple[int, int, int, int]:
-    """Bounding box of the body outline (Otsu + largest component + hole filling), with a margin."""
+    """Bounding box of the body outline (Otsu + largest component), with a margin.
+
+    A slice without a body outline (no bright region of at least 2 % of the image and
+    ``MIN_OUTLINE_MM2``) has no image content.
+    """
     from skimage.filters import threshold_otsu
 
     H, W = img01.shape
@@ -98,10 +134,10 @@ def roi_box(img01: np.ndarray, spacing: tuple[float, float], margin_mm: float) -
     try:
         thr = threshold_otsu(smooth)
     except ValueError:
-        return 0, H, 0, W
+        raise SpinesegError(f"{NO_CONTENT}: no body outline found") from None
     body = largest_component(smooth > thr * 0.5)
-    if body.sum() < 0.02 * H * W:  # nothing sensible found: keep the whole image
-        return 0, H, 0, W
+    if body.sum() < 0.02 * H * W or body.sum() * spacing[0] * spacing[1] < MIN_OUTLINE_MM2:
+        raise SpinesegError(f"{NO_CONTENT}: no body outline found")
     rows = np.flatnonzero(body.any(1))
     cols = np.flatnonzero(body.any(0))
     mr, mc = int(round(margin_mm / spacing[0])), int(round(margin_mm / spacing[1]))
@@ -112,11 +148,13 @@ def roi_box(img01: np.ndarray, spacing: tuple[float, float], margin_mm: float) -
 # ----------------------------------------------------------------------------------------------- geometry
 
 def _resize(arr: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
+    """Resample to ``shape``; images (order >= 1) are low-pass filtered first when shrinking (no aliasing)."""
     from skimage.transform import resize
 
     if tuple(arr.shape[-2:]) == tuple(shape):
         return arr.copy()
-    return resize(arr, shape, order=order, mode="edge", anti_aliasing=False, preserve_range=True).astype(arr.dtype)
+    shrink = order >= 1 and (shape[0] < arr.shape[-2] or shape[1] < arr.shape[-1])
+    return resize(arr, shape, order=order, mode="edge", anti_aliasing=shrink, preserve_range=True).astype(arr.dtype)
 
 
 def plan_geometry(shape, spacing, crop, cfg: PreprocessConfig) -> Geometry:
@@ -205,6 +243,7 @@ def preprocess_slice(img: np.ndarray, spacing: tuple[float, float], cfg: Preproc
     img = np.asarray(img, np.float32)
     if img.ndim != 2:
         raise SpinesegError(f"expected a 2D slice, got shape {img.shape}")
+    check_image_content(img)
     x = percentile_window(img)
     if cfg.denoise:
         x = denoise(x)
@@ -212,7 +251,7 @@ def preprocess_slice(img: np.ndarray, spacing: tuple[float, float], cfg: Preproc
         x = clahe(x, cfg.clahe_clip)
     crop = roi_box(x, spacing, cfg.roi_margin_mm) if cfg.roi else (0, img.shape[0], 0, img.shape[1])
     g = plan_geometry(img.shape, spacing, crop, cfg)
-    valid = forward_geometry(np.ones(img.shape, np.uint8), g, order=0).astype(bool)
+    valid = g.content_mask()
     out = forward_geometry(x.astype(np.float32), g, order=1, fill=0.0)
     if cfg.zscore:
         vals = out[valid]
@@ -242,7 +281,8 @@ class PreprocessCache:
             st = Path(p).stat()
             return [str(Path(p).resolve()), st.st_size, st.st_mtime_ns]
 
-        payload = json.dumps([stamp(image), stamp(label), index, cfg.to_dict(), __version__], sort_keys=True)
+        payload = json.dumps([stamp(image), stamp(label), index, cfg.to_dict(), __version__, PIPELINE_REVISION],
+                             sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()
 
     def get(self, key: str):
