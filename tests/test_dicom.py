@@ -3,6 +3,7 @@
 Every synthetic series is built with pydicom from a few downsampled slices of a real lumbar volume.
 """
 
+import json
 import logging
 import random
 import re
@@ -14,6 +15,7 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from spineseg.cli import main
 from spineseg.errors import SpinesegError
 from spineseg.io.images import read_image, read_images, stack_output_name, write_labels_like
 
@@ -279,3 +281,23 @@ def test_multiframe_and_colour_refused_in_one_line(anatomy, tmp_path, attributes
         read_images(tmp_path / "odd")
     assert problem in refused.value.problem and refused.value.path == str(path)
     assert "\n" not in str(refused.value)
+
+
+def test_info_lists_every_stack_and_flags_a_sagittal_one(anatomy, tmp_path, capsys):
+    folder = tmp_path / "mixed-planes"
+    write_series(folder, anatomy[:3], tilted(about_lr_deg=10), time="100000", names=shuffled_names(3, seed=3))
+    write_series(folder, anatomy[3:], tilted(about_ap_deg=4, plane="sagittal"), spacing=(1.0, 0.8), step=3.0,
+                 time="100200", first_instance=4)
+    images = read_images(folder)
+    assert main(["info", str(folder)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["stack_count"] == 2 and len(info["stacks"]) == 2
+    for img, stack in zip(images, info["stacks"]):
+        assert stack["orientation"] == "".join(nib.aff2axcodes(img.affine))
+        assert np.allclose(stack["affine"], img.affine, atol=1e-5) and stack["slices"] == 3
+    axial, sagittal = info["stacks"]
+    assert axial["pixel_spacing_mm"] == pytest.approx([0.9, 1.1]) and sagittal["pixel_spacing_mm"] == [1.0, 0.8]
+    assert axial["slice_spacing_mm"] == pytest.approx(4, abs=1e-4)
+    assert sagittal["slice_spacing_mm"] == pytest.approx(3, abs=1e-4)
+    assert "note" not in axial and "looks sagittal" in sagittal["note"]
+    assert axial["orientation"] == "LPS" and sagittal["orientation"][2] in "LR"

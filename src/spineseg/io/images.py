@@ -257,6 +257,45 @@ def check_pair(image: Image, label: Image) -> None:
                             f"({image.source})", label.source)
 
 
+_PLANES = ("sagittal", "coronal", "axial")  # the plane whose normal is the R-L, A-P, S-I axis
+
+
+def stack_geometry(image: Image) -> dict:
+    """Geometry of an image on its file's own voxel grid: orientation codes, affine, slices, spacing, plane.
+
+    The slice normal is the stacking direction for DICOM and 2D files, otherwise the voxel axis with the
+    largest spacing (the last one among equals). ``note`` is set when that normal is closer to the
+    left-right or anterior-posterior axis than to the superior-inferior one.
+    """
+    affine = np.asarray(image.affine, float)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    shape = tuple(image.file_shape) + (1,) * (3 - len(image.file_shape))
+    if image.sources is not None or len(image.file_shape) == 2 or input_format(image.source) == "dicom":
+        slice_axis = 2
+    else:
+        slice_axis = max(range(3), key=lambda a: (round(zooms[a] / zooms.max(), 2), a))
+    column_axis, row_axis = (a for a in range(3) if a != slice_axis)
+    normal = affine[:3, slice_axis] / zooms[slice_axis]
+    nearest = int(np.argmax(np.abs(normal)))
+    info = {"orientation": "".join(nib.aff2axcodes(affine)), "affine": np.round(affine, 6).tolist(),
+            "file_shape": list(image.file_shape), "slice_axis": slice_axis, "slices": int(shape[slice_axis]),
+            "pixel_spacing_mm": [round(float(zooms[row_axis]), 6), round(float(zooms[column_axis]), 6)],
+            "slice_spacing_mm": round(float(zooms[slice_axis]), 6), "plane": _PLANES[nearest],
+            "tilt_deg": round(float(np.degrees(np.arccos(min(1.0, abs(normal[nearest]))))), 2)}
+    if nearest != 2:
+        info["note"] = f"looks {_PLANES[nearest]}: spineseg expects axial slices"
+    return info
+
+
+def input_format(source: str | Path) -> str:
+    """``dicom``, ``nifti``, ``itk`` or ``raster``: which reader an input goes to."""
+    path = Path(source)
+    if path.is_dir():
+        return "dicom"
+    ext = file_ext(path)
+    return "nifti" if ext in NIFTI_EXT else "itk" if ext in ITK_EXT else "raster" if ext in RASTER_EXT else "dicom"
+
+
 # ----------------------------------------------------------------------------------------------- writers
 
 def nifti_bytes(data: np.ndarray, affine: np.ndarray, compress: bool = True) -> bytes:
