@@ -301,3 +301,12 @@ def test_info_lists_every_stack_and_flags_a_sagittal_one(anatomy, tmp_path, caps
     assert sagittal["slice_spacing_mm"] == pytest.approx(3, abs=1e-4)
     assert "note" not in axial and "looks sagittal" in sagittal["note"]
     assert axial["orientation"] == "LPS" and sagittal["orientation"][2] in "LR"
+
+
+def test_a_stack_whose_normal_points_inferior_is_shown_inferior_to_superior_with_its_sources(anatomy, tmp_path):
+    upside_down = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # columns run anterior, so the slice normal points inferior
+    files = write_series(tmp_path / "flipped", anatomy[:4], upside_down, names=shuffled_names(4, seed=4))
+    (img,) = read_images(tmp_path / "flipped")
+    assert_on_dicom_grid(img.to_file_layout(img.data), img.affine, files)
+    assert np.all(np.diff(display_world(img)[..., 2], axis=0) > 0)  # display slices still run inferior -> superior
+    assert_sources_follow_display_slices(img, files)
