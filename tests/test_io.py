@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -162,3 +164,21 @@ def test_real_axial_volumes(realdata):
         assert _world_of_display(img, 0, 10, 0)[1] < o[1]  # anterior at the top
         assert _world_of_display(img, 0, 0, 10)[0] < o[0]  # patient left on image right
         assert _world_of_display(img, 3, 0, 0)[2] > o[2]
+
+
+@pytest.mark.parametrize("thick_axis,plane", [(0, "sagittal"), (1, "coronal"), (2, None)])
+def test_info_says_when_a_file_looks_sagittal_or_coronal(tmp_path, capsys, thick_axis, plane):
+    from spineseg.cli import main
+
+    zooms = [0.9, 0.8, 0.7]
+    zooms[thick_axis] = 4.0  # the slices are cut across the axis with the large spacing
+    affine = np.diag(zooms + [1.0])
+    save_nifti(tmp_path / "v.nii.gz", _pattern((8, 8, 8)), affine)
+    assert main(["info", str(tmp_path / "v.nii.gz")]) == 0
+    (stack,) = json.loads(capsys.readouterr().out)["stacks"]
+    assert stack["orientation"] == "RAS" and stack["slice_spacing_mm"] == 4.0 and stack["slices"] == 8
+    assert np.allclose(stack["affine"], affine)
+    if plane is None:
+        assert "note" not in stack and stack["plane"] == "axial"
+    else:
+        assert stack["note"] == f"looks {plane}: spineseg expects axial slices"

@@ -61,12 +61,21 @@ def cmd_preprocess(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from .io.images import read_image
+    from .io.images import input_format, read_images, stack_geometry
 
-    img = read_image(a.input, spacing=a.spacing)
-    print(json.dumps({"source": img.source, "slices": img.num_slices, "rows": img.data.shape[1],
-                      "cols": img.data.shape[2], "spacing_mm": img.spacing, "slice_thickness_mm": img.slice_thickness,
-                      "min": float(img.data.min()), "max": float(img.data.max())}, indent=1))
+    images = read_images(a.input, spacing=a.spacing)
+    stacks = []
+    for img in images:
+        row = {"stack": img.stack, **stack_geometry(img), "display_shape": list(img.data.shape),
+               "rows": img.data.shape[1], "cols": img.data.shape[2], "spacing_mm": img.spacing,
+               "slice_thickness_mm": img.slice_thickness, "min": float(img.data.min()), "max": float(img.data.max())}
+        if img.sources:
+            first = img.sources[0]
+            row.update({k: first[k] for k in ("series_instance_uid", "series_number", "series_description",
+                                               "image_type", "echo_numbers")})
+        stacks.append(row)
+    print(json.dumps({"source": str(a.input), "format": input_format(a.input), "stack_count": len(images),
+                      "stacks": stacks}, indent=1, default=str))
     return 0
 
 
@@ -224,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_preprocess)
 
-    s = sub.add_parser("info", help="read an image and print its geometry")
+    s = sub.add_parser("info", help="print the geometry of every stack of an image or DICOM folder (JSON)")
     s.add_argument("input")
     s.add_argument("--spacing", type=float, default=None)
     s.set_defaults(func=cmd_info)

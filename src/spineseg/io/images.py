@@ -19,6 +19,7 @@ from nibabel import orientations as nio
 
 from ..errors import SpinesegError
 from .atomic import atomic_path, atomic_write_bytes
+from .dicom import read_dicom_stacks
 from .intensity import percentile_window
 
 NIFTI_EXT = (".nii", ".nii.gz")
@@ -154,73 +155,6 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, _LPS_TO_RAS @ lps
 
 
-def _dicom_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
-def _read_dicom(paths: list[Path], source: Path) -> tuple[np.ndarray, np.ndarray]:
-    import pydicom
-
-    slices = []
-    for p in paths:
-        try:
-            ds = pydicom.dcmread(str(p))
-        except Exception as exc:
-            if source.is_dir():
-                continue  # non-DICOM files in a series folder are skipped
-            raise SpinesegError(f"not a readable DICOM file ({exc})", p) from None
-        if "PixelData" not in ds:
-            continue
-        slices.append((p, ds))
-    if not slices:
-        raise SpinesegError("no DICOM image files found", source)
-    series = {str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in slices}
-    if len(series) > 1:
-        raise SpinesegError(f"folder holds {len(series)} DICOM series; give one series folder", source)
-    first = slices[0][1]
-    if "PixelSpacing" not in first:
-        raise SpinesegError("DICOM has no PixelSpacing", slices[0][0])
-    iop = np.array(getattr(first, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), float)
-    rowdir, coldir = iop[:3], iop[3:]
-    normal = np.cross(rowdir, coldir)
-    if all("ImagePositionPatient" in ds for _, ds in slices):
-        key = [float(np.dot(np.array(ds.ImagePositionPatient, float), normal)) for _, ds in slices]
-    else:
-        key = [float(getattr(ds, "InstanceNumber", i)) for i, (_, ds) in enumerate(slices)]
-    order = np.argsort(key, kind="stable")
-    slices = [slices[i] for i in order]
-    arrays = []
-    for p, ds in slices:
-        try:
-            px = ds.pixel_array.astype(np.float32)
-        except Exception as exc:
-            raise SpinesegError(f"cannot decode DICOM pixel data ({exc})", p) from None
-        if px.ndim != 2:
-            raise SpinesegError(f"expected a single-frame 2D DICOM image, got shape {px.shape}", p)
-        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-        inter = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-        arrays.append(px * slope + inter)
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise SpinesegError(f"DICOM slices differ in size: {sorted(shapes)}", source)
-    vol = np.stack(arrays, axis=-1)  # (rows, cols, k)
-    data = np.transpose(vol, (1, 0, 2))  # (i=col, j=row, k)
-    ps = [float(v) for v in first.PixelSpacing]  # [row spacing, column spacing]
-    ipp0 = np.array(getattr(slices[0][1], "ImagePositionPatient", [0, 0, 0]), float)
-    if len(slices) > 1 and "ImagePositionPatient" in slices[-1][1]:
-        step = (np.array(slices[-1][1].ImagePositionPatient, float) - ipp0) / (len(slices) - 1)
-        if np.linalg.norm(step) < 1e-6:
-            step = normal * float(getattr(first, "SpacingBetweenSlices", getattr(first, "SliceThickness", 1.0)))
-    else:
-        step = normal * float(getattr(first, "SliceThickness", 1.0) or 1.0)
-    lps = np.eye(4)
-    lps[:3, 0] = rowdir * ps[1]
-    lps[:3, 1] = coldir * ps[0]
-    lps[:3, 2] = step
-    lps[:3, 3] = ipp0
-    return data, _LPS_TO_RAS @ lps
-
-
 def _read_raster(path: Path, spacing: float | None) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image as PILImage
 
@@ -242,46 +176,70 @@ def _read_raster(path: Path, spacing: float | None) -> tuple[np.ndarray, np.ndar
     return data, affine
 
 
-def read_image(path: str | Path, spacing: float | None = None, kind: str = "image") -> Image:
-    """Read one image (``kind='image'``) or label map (``kind='label'``) into the display convention.
-
-    ``path`` may be a NIfTI/MHA/NRRD/DICOM/PNG/TIFF file or a folder holding one DICOM series.
-    ``spacing`` (mm) is required for PNG/TIFF and ignored otherwise.
-    """
-    path = Path(path)
+def _read_grids(path: Path, spacing: float | None) -> list[tuple[np.ndarray, np.ndarray, list | None]]:
+    """``(voxels, RAS affine, DICOM sources per slice or None)`` of every stack of one input."""
     if not path.exists():
         raise SpinesegError("no such file or folder", path)
     if path.is_dir():
-        files = _dicom_files(path)
-        if not files:
-            raise SpinesegError("folder is empty", path)
-        data, affine = _read_dicom(files, path)
-    else:
-        ext = file_ext(path)
-        if path.stat().st_size == 0:
-            raise SpinesegError("file is empty", path)
-        if ext in NIFTI_EXT:
-            data, affine = _read_nifti(path)
-        elif ext in ITK_EXT:
-            data, affine = _read_itk(path)
-        elif ext in RASTER_EXT:
-            data, affine = _read_raster(path, spacing)
-        else:
-            data, affine = _read_dicom([path], path)  # DICOM files often have no extension
+        return [(s.voxels, s.affine, s.sources) for s in read_dicom_stacks(path)]
+    if path.stat().st_size == 0:
+        raise SpinesegError("file is empty", path)
+    ext = file_ext(path)
+    if ext in NIFTI_EXT:
+        return [_read_nifti(path) + (None,)]
+    if ext in ITK_EXT:
+        return [_read_itk(path) + (None,)]
+    if ext in RASTER_EXT:
+        return [_read_raster(path, spacing) + (None,)]
+    return [(s.voxels, s.affine, s.sources) for s in read_dicom_stacks(path)]  # DICOM often has no extension
+
+
+def _display_sources(sources: list | None, img: Image) -> list | None:
+    """Per-slice DICOM sources in display slice order; None when display slices are not the DICOM slices."""
+    if sources is None:
+        return None
+    slice_axis = nio.ornt_transform(img.ornt, _DISPLAY_ORNT)[2]
+    if int(slice_axis[0]) != 2:
+        return None  # a sagittal or coronal stack: each display slice cuts across every DICOM image
+    return list(sources) if slice_axis[1] > 0 else list(sources)[::-1]
+
+
+def _image(grid, source: Path, kind: str, stack: int = 0, stack_count: int = 1) -> Image:
+    data, affine, sources = grid
     if kind == "label":
-        data = _as_labels(np.asarray(data, dtype=np.float64), str(path))
-        return _to_display(data, affine, str(path), np.uint8)
-    img = _to_display(np.asarray(data), affine, str(path), np.float32)
-    return _check_values(img, kind)
+        img = _to_display(_as_labels(np.asarray(data, dtype=np.float64), str(source)), affine, str(source), np.uint8)
+    else:
+        img = _check_values(_to_display(np.asarray(data), affine, str(source), np.float32), kind)
+    img.stack, img.stack_count = stack, stack_count
+    img.sources = _display_sources(sources, img)
+    return img
+
+
+def read_image(path: str | Path, spacing: float | None = None, kind: str = "image") -> Image:
+    """Read one image (``kind='image'``) or label map (``kind='label'``) into the display convention.
+
+    ``path`` may be a NIfTI/MHA/NRRD/DICOM/PNG/TIFF file or a folder holding one DICOM stack; an input
+    with several stacks is refused (:func:`read_images` reads them all).
+    ``spacing`` (mm) is required for PNG/TIFF and ignored otherwise.
+    """
+    path = Path(path)
+    grids = _read_grids(path, spacing)
+    if len(grids) > 1:
+        raise SpinesegError(f"holds {len(grids)} image stacks (DICOM slabs or series differing in orientation, "
+                            "position, image type or echo); this step reads one stack: spineseg predict and "
+                            "spineseg info handle every stack", path)
+    return _image(grids[0], path, kind)
 
 
 def read_images(path: str | Path, spacing: float | None = None) -> list[Image]:
     """Every stack of one input, in the order of acquisition: one :class:`Image` per stack.
 
-    A multi-slab DICOM series (several angled stacks under one series) gives several images; every
-    other input gives one.
+    A DICOM folder or file gives one image per regular stack (see :mod:`spineseg.io.dicom` for the
+    grouping rule); every other input gives one. Each image's affine is its own stack's voxel grid.
     """
-    return [read_image(path, spacing=spacing)]
+    path = Path(path)
+    grids = _read_grids(path, spacing)
+    return [_image(g, path, "image", k, len(grids)) for k, g in enumerate(grids)]
 
 
 def stack_output_name(name: str, image: Image) -> str:
@@ -297,6 +255,45 @@ def check_pair(image: Image, label: Image) -> None:
     if image.data.shape != label.data.shape:
         raise SpinesegError(f"mask size {label.data.shape[::-1]} does not match image size {image.data.shape[::-1]} "
                             f"({image.source})", label.source)
+
+
+_PLANES = ("sagittal", "coronal", "axial")  # the plane whose normal is the R-L, A-P, S-I axis
+
+
+def stack_geometry(image: Image) -> dict:
+    """Geometry of an image on its file's own voxel grid: orientation codes, affine, slices, spacing, plane.
+
+    The slice normal is the stacking direction for DICOM and 2D files, otherwise the voxel axis with the
+    largest spacing (the last one among equals). ``note`` is set when that normal is closer to the
+    left-right or anterior-posterior axis than to the superior-inferior one.
+    """
+    affine = np.asarray(image.affine, float)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    shape = tuple(image.file_shape) + (1,) * (3 - len(image.file_shape))
+    if image.sources is not None or len(image.file_shape) == 2 or input_format(image.source) == "dicom":
+        slice_axis = 2
+    else:
+        slice_axis = max(range(3), key=lambda a: (round(zooms[a] / zooms.max(), 2), a))
+    column_axis, row_axis = (a for a in range(3) if a != slice_axis)
+    normal = affine[:3, slice_axis] / zooms[slice_axis]
+    nearest = int(np.argmax(np.abs(normal)))
+    info = {"orientation": "".join(nib.aff2axcodes(affine)), "affine": np.round(affine, 6).tolist(),
+            "file_shape": list(image.file_shape), "slice_axis": slice_axis, "slices": int(shape[slice_axis]),
+            "pixel_spacing_mm": [round(float(zooms[row_axis]), 6), round(float(zooms[column_axis]), 6)],
+            "slice_spacing_mm": round(float(zooms[slice_axis]), 6), "plane": _PLANES[nearest],
+            "tilt_deg": round(float(np.degrees(np.arccos(min(1.0, abs(normal[nearest]))))), 2)}
+    if nearest != 2:
+        info["note"] = f"looks {_PLANES[nearest]}: spineseg expects axial slices"
+    return info
+
+
+def input_format(source: str | Path) -> str:
+    """``dicom``, ``nifti``, ``itk`` or ``raster``: which reader an input goes to."""
+    path = Path(source)
+    if path.is_dir():
+        return "dicom"
+    ext = file_ext(path)
+    return "nifti" if ext in NIFTI_EXT else "itk" if ext in ITK_EXT else "raster" if ext in RASTER_EXT else "dicom"
 
 
 # ----------------------------------------------------------------------------------------------- writers
