@@ -5,8 +5,6 @@ import numpy as np
 import pytest
 
 from spineseg.cli import main
-from spineseg.errors import SpinesegError
-from spineseg.eval.compare import compare_runs, holm, paired_tests, paired_values, render_tables
 from spineseg.eval.evaluate import evaluate_folders, read_per_slice, write_reports
 from spineseg.eval.figures import FN_COLOR, FP_COLOR, error_overlay
 from spineseg.io.images import read_label, save_slice_nifti
@@ -52,40 +50,62 @@ def test_missing_prediction_is_an_error_naming_it(pred_gt, capsys, tmp_path):
     assert rc == 2 and "no prediction for ground-truth case" in err and err.count("\n") == 1
 
 
-def _rows(values, case_prefix="c"):
-    return [{"case": f"{case_prefix}{i}", "slice": 0, "structure": s, "dice": v, "iou": v, "ppv": v,
-             "sensitivity": v, "hd": 1 - v, "hd95": 1 - v, "absent_both": False}
-            for i, v in enumerate(values) for s in ("vertebral_body", "vertebral_foramen", "lamina")]
+def test_rows_carry_the_patient_of_the_data_set_map(pred_gt):
+    pred, gt = pred_gt
+    rows = evaluate_folders(pred, gt, cases=["P000_00", "P000_01", "P001_00"], fold=3)
+    assert {(r["case"], r["patient"]) for r in rows} == {("P000_00", "P000"), ("P000_01", "P000"), ("P001_00", "P001")}
+    assert {r["fold"] for r in rows} == {3}
 
 
-def test_paired_tests_and_slice_set_check():
-    rng = np.random.default_rng(0)
-    a = rng.uniform(0.8, 0.9, 30)
-    b = a + 0.05 + rng.normal(0, 0.005, 30)
-    x, y = paired_values(_rows(a), _rows(b), "lamina", "dice")
-    t = paired_tests(x, y)
-    assert t["t_p"] < 1e-6 and t["wilcoxon_p"] < 1e-4 and t["mean_diff"] < 0
-    same = paired_tests(x, x)
-    assert same["t_p"] == 1.0
-    with pytest.raises(SpinesegError, match="different test slices"):
-        paired_values(_rows(a), _rows(b[:29]), "lamina", "dice")
+def test_rows_without_patient_map_leave_the_patient_empty(pred_gt, tmp_path):
+    pred, gt = pred_gt
+    labels = tmp_path / "labels"  # a bare label folder: no cases.csv anywhere near it
+    shutil.copytree(gt / "labelsTr", labels)
+    rows = evaluate_folders(pred, labels, cases=["P000_00"])
+    assert {r["patient"] for r in rows} == {""}
 
 
-def test_holm():
-    adj = holm([0.01, 0.04, 0.03, None])
-    assert adj[:3] == pytest.approx([0.03, 0.06, 0.06]) and adj[3] is None  # step-down, monotone
+def _splits_with_one_fold_per_patient_pair(path, patients_per_fold=(("P000", "P001"), ("P002",))):
+    folds = [{"train": [], "val": [], "test": [f"{p}_{k:02d}" for p in ps for k in range(2)]} for ps in patients_per_fold]
+    path.write_text(json.dumps(folds))
+    return folds
 
 
-def test_compare_marks_best_and_significance():
-    rng = np.random.default_rng(1)
-    base = rng.uniform(0.7, 0.8, 25)
-    runs = [("unet", _rows(base)), ("spineseg", _rows(base + 0.1 + rng.normal(0, 0.01, 25)))]
-    res = compare_runs(runs, reference="spineseg")
-    assert res["cells"][("spineseg", "lamina", "dice")].get("best")
-    assert res["cells"][("spineseg", "lamina", "hd95")].get("best")  # lower is better
-    assert res["cells"][("unet", "lamina", "dice")]["p"] < 0.05
-    md = render_tables(res)["md"]
-    assert "### Ablation: Dice (%)" in md and "| unet |" in md and "*" in md
+def _evaluated_cases(out):
+    return sorted({r["case"] for r in read_per_slice(out / "per_slice.csv")})
+
+
+def test_evaluate_one_fold_of_a_splits_file(pred_gt, tmp_path):
+    pred, gt = pred_gt  # predictions exist for 6 cases (P000-P002); fold 1 tests only P002
+    folds = _splits_with_one_fold_per_patient_pair(tmp_path / "splits.json")
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--out", str(out),
+                 "--splits", str(tmp_path / "splits.json"), "--fold", "1"]) == 0
+    assert _evaluated_cases(out) == sorted(folds[1]["test"])
+    rows = read_per_slice(out / "per_slice.csv")
+    assert {r["fold"] for r in rows} == {"1"} and {r["patient"] for r in rows} == {"P002"}
+
+
+def test_evaluate_the_fold_of_a_training_run(pred_gt, tmp_path):
+    pred, gt = pred_gt
+    run = tmp_path / "run"
+    run.mkdir()
+    folds = _splits_with_one_fold_per_patient_pair(run / "splits.json")
+    (run / "config.json").write_text(json.dumps({"run": {"fold": 0, "data": str(gt)}}))
+    shutil.copytree(pred, run / "pred")
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--run", str(run), "--out", str(out)]) == 0  # pred and gt default from the run
+    assert _evaluated_cases(out) == sorted(folds[0]["test"])
+
+
+def test_a_fold_without_test_list_is_refused_in_one_line(pred_gt, tmp_path, capsys):
+    pred, gt = pred_gt
+    (tmp_path / "splits.json").write_text(json.dumps([{"train": ["P000_00"], "val": ["P001_00"]}]))
+    rc = main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--out", str(tmp_path / "e"),
+               "--splits", str(tmp_path / "splits.json"), "--fold", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "fold 0 has no test list" in err and err.count("\n") == 1
+    assert not (tmp_path / "e").exists()
 
 
 def test_error_overlay_colours():

@@ -102,22 +102,39 @@ def cmd_predict(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from .eval.evaluate import evaluate_folders, write_reports
+    from .eval.evaluate import evaluate_folders, fold_test_cases, training_run_fold, write_reports
 
-    rows = evaluate_folders(a.pred, a.gt, hd95=a.hd95, spacing=a.spacing)
-    summ = write_reports(rows, a.out, title=f"{a.pred} vs {a.gt}")
+    splits, fold, gt, pred = a.splits, a.fold, a.gt, a.pred
+    if a.run:
+        if splits or fold is not None:
+            raise SpinesegError("give either --run or --splits with --fold, not both")
+        splits, fold, data = training_run_fold(a.run)
+        gt = gt or data
+        pred = pred or str(Path(a.run) / "pred")
+    elif (splits is None) != (fold is None):
+        raise SpinesegError("--splits and --fold go together (or give --run)")
+    if not pred or not gt:
+        raise SpinesegError("give --pred and --gt (with --run they default to RUN/pred and the run's data set)")
+    cases = fold_test_cases(splits, fold) if splits else None
+    rows = evaluate_folders(pred, gt, hd95=a.hd95, spacing=a.spacing, cases=cases, fold=fold)
+    what = f"fold {fold} of {splits}: " if splits else ""
+    write_reports(rows, a.out, title=f"{what}{pred} vs {gt}")
     print((Path(a.out) / "summary.md").read_text())
     n = len({(r["case"], r["slice"]) for r in rows})
-    print(f"{n} slices evaluated (HD95: {a.hd95}); wrote per_slice.csv, summary.md/.csv/.tex to {a.out}")
+    n_cases = len({r["case"] for r in rows})
+    scope = f"the {n_cases} test cases of fold {fold} ({splits})" if splits else f"{n_cases} cases"
+    print(f"{n} slices of {scope} evaluated (HD95: {a.hd95}); wrote per_slice.csv, summary.md/.csv/.tex to {a.out}")
     return 0
 
 
 def cmd_compare(a) -> int:
     from .eval.compare import write_comparison
 
-    res = write_comparison(a.runs, a.out, reference=a.reference, test=a.test, use_holm=a.holm)
+    res = write_comparison(a.runs, a.out, reference=a.reference, test=a.test, pairing=a.pairing,
+                           correction=a.correction, patients=a.patients)
     print((Path(a.out) / "tables.md").read_text())
-    print(f"reference: {res['reference']}; wrote tables.md/.tex/.csv and bar charts to {a.out}")
+    print(f"reference: {res['reference']}; {res['n_patients']} patients, {res['n_slices']} slices; "
+          f"patients: {res['patients_from']}; wrote tables.md/.tex/.csv and bar charts to {a.out}")
     return 0
 
 
@@ -275,20 +292,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("evaluate", help="per-slice metrics (Dice, IoU, PPV, sensitivity, HD, HD95 in mm) and summaries")
-    s.add_argument("--pred", required=True, help="folder of predicted label maps (NIfTI or PNG)")
-    s.add_argument("--gt", required=True, help="folder of ground-truth label maps, or a data set root")
+    s.add_argument("--pred", help="folder of predicted label maps (NIfTI or PNG); with --run default RUN/pred")
+    s.add_argument("--gt", help="folder of ground-truth label maps, or a data set root (with --run: the run's data)")
     s.add_argument("--out", required=True)
+    s.add_argument("--splits", help="splits.json: evaluate only the test cases of --fold")
+    s.add_argument("--fold", type=int, default=None, help="fold of --splits whose test cases are evaluated")
+    s.add_argument("--run", help="training run folder (splits.json + config.json): evaluate its fold's test cases")
     s.add_argument("--hd95", choices=["monai", "pooled"], default="monai",
                    help="monai: max of the directed 95th percentiles (default); pooled: MedPy's definition")
     s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG label maps (mm)")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("compare", help="paper-style tables with paired tests between evaluated runs")
-    s.add_argument("runs", nargs="+", help="folders holding per_slice.csv (or eval/per_slice.csv)")
+    s.add_argument("runs", nargs="+", help="folders holding per_slice.csv (or eval/per_slice.csv); folders "
+                   "sharing a name (run.json) are folds of one model and are pooled")
     s.add_argument("--out", required=True)
     s.add_argument("--reference", help="run the p-values refer to (default: the last run)")
-    s.add_argument("--test", choices=["wilcoxon", "ttest"], default="wilcoxon")
-    s.add_argument("--holm", action="store_true", help="Holm-correct the p-values")
+    s.add_argument("--test", choices=["ttest", "wilcoxon"], default="ttest",
+                   help="test that marks significance (both are in tables.csv; default: paired t-test)")
+    s.add_argument("--pairing", choices=["patient", "slice"], default="patient",
+                   help="pair on per-patient means (default) or per slice (slices of a patient are not independent)")
+    s.add_argument("--correction", choices=["holm", "none"], default="holm",
+                   help="Holm's correction over all tests of the table (default) or none")
+    s.add_argument("--patients", help="cases.csv (case,patient) for per_slice.csv files without a patient column; "
+                   "without one each case is its own patient")
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("experiment", help="train, predict, evaluate several models on one split, then compare")

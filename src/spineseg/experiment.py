@@ -121,7 +121,7 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
         rows = []
         for i, ev in enumerate(eval_dirs[m]):
             for r in read_per_slice(ev / "per_slice.csv"):
-                r["case"] = f"f{folds[i]}:{r['case']}" if len(folds) > 1 else r["case"]
+                r["fold"] = folds[i]
                 rows.append(r)
         write_reports(rows, d, title=m)
         atomic_write_text(d / "run.json", json.dumps({"name": m}) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,14 @@ import numpy as np
 from .. import STRUCTURES
 from ..errors import SpinesegError
 from ..io.atomic import atomic_write_text
+from ..data.splits import load_splits
 from ..io.images import IMAGE_EXT, case_stem, file_ext, read_label
+from ..io.layouts import read_patient_map
 from .metrics import METRICS, slice_metrics, summarise
 
-PER_SLICE_COLUMNS = ("case", "slice", "structure") + METRICS
+PER_SLICE_COLUMNS = ("case", "slice", "structure") + METRICS  # what a per-slice file must hold
+# what evaluate writes: the patient (empty when no patient map is known) and the fold (empty when unknown)
+WRITTEN_COLUMNS = ("case", "patient", "fold", "slice", "structure") + METRICS + ("absent_both",)
 
 
 def _label_files(folder: Path) -> dict[str, Path]:
@@ -42,11 +47,50 @@ def gt_folder(path: Path) -> Path:
     return path
 
 
+def dataset_patient_map(gt: Path) -> dict[str, str] | None:
+    """The data set's ``cases.csv`` patient map, looked up beside a label folder or in a data set root."""
+    for root in (gt, gt.parent):
+        if (root / "cases.csv").is_file():
+            return read_patient_map(root / "cases.csv")
+    return None
+
+
+def fold_test_cases(splits_file: str | Path, fold: int) -> list[str]:
+    """The test case ids of fold ``fold`` of a ``splits.json``; a fold without a test list is refused."""
+    splits = load_splits(splits_file)
+    if not 0 <= fold < len(splits):
+        raise SpinesegError(f"fold {fold} does not exist ({len(splits)} folds)", splits_file)
+    test = splits[fold].get("test")
+    if not test:
+        raise SpinesegError(f"fold {fold} has no test list", splits_file)
+    return list(test)
+
+
+def training_run_fold(run: str | Path) -> tuple[Path, int, str | None]:
+    """``(splits.json, fold, data set)`` of a training run folder (its ``splits.json`` and ``config.json``)."""
+    run = Path(run)
+    try:
+        cfg = json.loads((run / "config.json").read_text())
+        fold = int(cfg["run"]["fold"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise SpinesegError("not a training run: needs config.json with run.fold", run) from None
+    if not (run / "splits.json").is_file():
+        raise SpinesegError("not a training run: splits.json is missing", run)
+    return run / "splits.json", fold, cfg["run"].get("data")
+
+
 def evaluate_folders(pred: str | Path, gt: str | Path, hd95: str = "monai", spacing: float | None = None,
-                     cases: list[str] | None = None) -> list[dict]:
-    """Rows ``{case, slice, structure, dice, iou, ppv, sensitivity, hd, hd95}`` for every GT case."""
+                     cases: list[str] | None = None, patients: dict[str, str] | None = None,
+                     fold: int | None = None) -> list[dict]:
+    """Rows ``{case, patient, fold, slice, structure, dice, iou, ppv, sensitivity, hd, hd95}`` per GT case.
+
+    ``patients`` maps case ids to patients (default: the data set's ``cases.csv`` if there is one);
+    ``fold`` is written into every row when the cases are one fold's test set.
+    """
     pred_files = _label_files(Path(pred))
     gt_files = _label_files(gt_folder(Path(gt)))
+    if patients is None:
+        patients = dataset_patient_map(Path(gt)) or {}
     wanted = list(gt_files) if cases is None else list(cases)
     missing = [c for c in wanted if c not in pred_files]
     if missing:
@@ -63,7 +107,8 @@ def evaluate_folders(pred: str | Path, gt: str | Path, hd95: str = "monai", spac
         for s in range(g.num_slices):
             m = slice_metrics(p.data[s], g.data[s], g.spacing, hd95)
             for name in STRUCTURES:
-                r = {"case": c, "slice": s, "structure": name}
+                r = {"case": c, "patient": patients.get(c, ""), "fold": "" if fold is None else fold,
+                     "slice": s, "structure": name}
                 r.update({k: (None if m[name] is None else m[name].get(k)) for k in METRICS})
                 r["absent_both"] = m[name] is None
                 rows.append(r)
@@ -99,6 +144,8 @@ def read_per_slice(path: str | Path) -> list[dict]:
         raise SpinesegError(f"not a per-slice metrics file (needs columns {', '.join(PER_SLICE_COLUMNS)})", path)
     for r in rows:
         r["absent_both"] = _truthy(r.get("absent_both"))
+        r["patient"] = r.get("patient") or ""
+        r["fold"] = r.get("fold") or ""
         for k in METRICS:
             r[k] = _num(r[k])
     return rows
@@ -112,7 +159,7 @@ def write_reports(rows: list[dict], out: str | Path, title: str = "") -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(PER_SLICE_COLUMNS) + ["absent_both"], lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(WRITTEN_COLUMNS), lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r[k]) for k in w.fieldnames})
@@ -127,8 +174,12 @@ def write_reports(rows: list[dict], out: str | Path, title: str = "") -> dict:
         w.writerow({"structure": name, **{k: ("" if v is None else v) for k, v in summ[name].items()}})
     atomic_write_text(out / "summary.csv", buf.getvalue())
     # Markdown
+    n_slices = len({(r.get("fold", ""), r["case"], str(r["slice"])) for r in rows})
+    known = {r["patient"] for r in rows if r.get("patient")}
+    who = (f"{len(known)} patients" if known and all(r.get("patient") for r in rows)
+           else "patients unknown (no cases.csv)")
     md = [f"# {title or 'Segmentation metrics'}", "",
-          "Mean ± std over test slices, on the original image grid. HD / HD95 in mm.", "",
+          f"Mean ± std over {n_slices} test slices ({who}), on the original image grid. HD / HD95 in mm.", "",
           "| structure | Dice | IoU | PPV | sensitivity | HD (mm) | HD95 (mm) | n | skipped (absent in both) | HD missing |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for name in STRUCTURES:

@@ -77,28 +77,33 @@ def overlay_grid(images, gts, preds_by_model: dict[str, list], path, titles=None
     plt.close(fig)
 
 
-def bar_charts(runs: list[tuple[str, list[dict]]], out: str | Path) -> list[Path]:
-    """Dice and HD95 per structure across models, mean with std error bars."""
+def bar_charts(res: dict, out: str | Path) -> list[Path]:
+    """Dice and HD95 per structure across models: the comparison's means with std error bars.
+
+    ``res`` is :func:`spineseg.eval.compare.compare_runs` output, so the bars show exactly the table's
+    numbers (same slices per column).
+    """
     plt = _plt()
     out = Path(out)
     paths = []
-    names = [n for n, _ in runs]
+    names = res["models"]
     for metric, label, scale in (("dice", "Dice (%)", 100.0), ("hd95", "HD95 (mm)", 1.0)):
-        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) * 1.2), 3.6))
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) * 1.2), 3.8))
         width = 0.8 / max(len(names), 1)
         x = np.arange(len(STRUCTURES))
-        for j, (name, rows) in enumerate(runs):
-            means, stds = [], []
-            for s in STRUCTURES:
-                v = np.array([r[metric] for r in rows if r["structure"] == s and r[metric] is not None], float) * scale
-                means.append(v.mean() if len(v) else np.nan)
-                stds.append(v.std() if len(v) else 0)
+        for j, name in enumerate(names):
+            cells = [res["cells"][(name, s, metric)] for s in STRUCTURES]
+            means = [np.nan if c["mean"] is None else c["mean"] * scale for c in cells]
+            stds = [0.0 if c["std"] is None else c["std"] * scale for c in cells]
             ax.bar(x + (j - (len(names) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=name)
         ax.set_xticks(x)
         ax.set_xticklabels([s.replace("_", " ") for s in STRUCTURES])
         ax.set_ylabel(label)
         if metric == "dice":
             ax.set_ylim(0, 105)
+        folds = f", {res['n_folds']} folds" if res["n_folds"] > 1 else ""
+        ax.set_xlabel(f"mean ± std over test slices; n = {res['n_patients']} patients, {res['n_slices']} slices{folds}",
+                      fontsize=8)
         ax.legend(fontsize=7, ncol=min(len(names), 5), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
         fig.tight_layout()
         p = out / f"bar_{metric}.png"

@@ -35,8 +35,14 @@ def has_patient_map(root: str | Path) -> bool:
 
 def _patients(root: Path) -> dict[str, str]:
     f = root / PATIENT_MAP
-    if not f.exists():
-        return {}
+    return read_patient_map(f) if f.exists() else {}
+
+
+def read_patient_map(f: str | Path) -> dict[str, str]:
+    """``{case: patient}`` from a ``cases.csv`` (columns ``case`` and ``patient``)."""
+    f = Path(f)
+    if not f.is_file():
+        raise SpinesegError("patient map (cases.csv) not found", f)
     with open(f, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or not {"case", "patient"} <= set(rows[0]):
