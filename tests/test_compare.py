@@ -98,7 +98,8 @@ def test_folds_give_mean_and_std_over_fold_means():
     res = compare_runs([("A", rows)])
     cell = res["cells"][("A", "vertebral_body", "dice")]
     assert cell["n_folds"] == 2 and cell["n_slices"] == 5
-    assert cell["fold_mean"] == pytest.approx(np.mean([0.85, 0.6333333])) and cell["fold_std"] == pytest.approx(0.1083333)
+    assert cell["fold_mean"] == pytest.approx(np.mean([0.85, 0.6333333]))
+    assert cell["fold_std"] == pytest.approx(0.1083333)
     assert "### vertebral_body (over folds)" in render_tables(res)["md"]
 
 

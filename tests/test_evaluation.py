@@ -66,7 +66,8 @@ def test_rows_without_patient_map_leave_the_patient_empty(pred_gt, tmp_path):
 
 
 def _splits_with_one_fold_per_patient_pair(path, patients_per_fold=(("P000", "P001"), ("P002",))):
-    folds = [{"train": [], "val": [], "test": [f"{p}_{k:02d}" for p in ps for k in range(2)]} for ps in patients_per_fold]
+    folds = [{"train": [], "val": [], "test": [f"{p}_{k:02d}" for p in ps for k in range(2)]}
+             for ps in patients_per_fold]
     path.write_text(json.dumps(folds))
     return folds
 

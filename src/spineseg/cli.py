@@ -173,24 +173,27 @@ def cmd_nnunet(a) -> int:
 
 
 def cmd_sanity(a) -> int:
-    from .eval.sanity import sanity_report
+    from .eval.sanity import run_sanity, summary_line
     from .infer.predict import Predictor
-    from .io.images import case_stem, read_image
 
-    pred = Predictor(a.model, postprocess=a.postprocess)
-    img = read_image(a.input, spacing=a.spacing)
-    labels = pred.predict_volume(img)
-    out = Path(a.out) if a.out else Path("runs") / "sanity" / case_stem(a.input)
     slices = None
     if a.slices:
-        lo, hi = (int(x) for x in a.slices.split(":"))
-        slices = range(lo, min(hi, img.num_slices))
-    rep = sanity_report(img, labels, out, slices)
+        try:
+            slices = tuple(int(x) for x in a.slices.split(":"))
+            assert len(slices) == 2
+        except (ValueError, AssertionError):
+            raise SpinesegError(f"--slices must look like a:b (got {a.slices!r})") from None
+    pred = Predictor(a.model, device=a.device, postprocess=a.postprocess)
+    rep = run_sanity(pred, a.input, a.out, spacing=a.spacing, slices=slices, progress=not a.quiet)
     for r in rep["rows"]:
-        if not r["passed"]:
-            print(f"  slice {r['slice']}: {r['reason']}")
-    print(f"{rep['passed']}/{rep['slices']} slices pass ({100 * rep['fraction']:.1f} %); "
-          f"wrote {out / 'sanity.csv'} and {out / 'montage.png'}")
+        if not (r["order_raw"] and r["order_post"]):
+            print(f"  {r['source']} [{r['slice']}]: raw: {r['reason_raw'] or 'pass'} | "
+                  f"post: {r['reason_post'] or 'pass'}")
+    for name, summ in rep["inputs"].items():
+        print(summary_line(name, summ))
+    if len(rep["inputs"]) > 1:
+        print(summary_line("overall", rep["overall"]))
+    print(f"wrote {Path(a.out) / 'sanity.csv'}, sanity.json and {len(rep['montages'])} montage(s) to {a.out}")
     return 0
 
 
@@ -356,14 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--overwrite", action="store_true")
     i.set_defaults(func=cmd_nnunet)
 
-    s = sub.add_parser("sanity", help="anatomical plausibility of predictions on an unlabelled volume")
+    s = sub.add_parser("sanity", help="anatomical plausibility of raw and post-processed predictions on unlabelled scans")
     s.add_argument("--model", required=True, help="checkpoint, or 'pretrained'")
-    s.add_argument("--input", required=True)
-    s.add_argument("--out", help="folder for sanity.csv and montage.png (default runs/sanity/NAME)")
-    s.add_argument("--slices", help="only slices a:b")
+    s.add_argument("--input", required=True, nargs="+",
+                   help="volumes, DICOM series folders, PNG slices, or folders of them (a folder of single slices "
+                        "is one input with one montage)")
+    s.add_argument("--out", default=str(Path("runs") / "sanity"),
+                   help="folder for sanity.csv, sanity.json and montage_INPUT.png (default runs/sanity)")
+    s.add_argument("--slices", help="only slices a:b of each volume")
     s.add_argument("--postprocess", choices=["largest", "none"], default="largest",
-                   help="keep the largest connected region of each structure (default) or nothing")
-    s.add_argument("--spacing", type=float, default=None)
+                   help="post-processing checked beside the raw prediction (default: largest connected region)")
+    s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sanity)
 
     s = sub.add_parser("pack", help="write a small inference-only copy of a checkpoint (float16 weights)")

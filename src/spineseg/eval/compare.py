@@ -271,7 +271,8 @@ def table_note(res: dict, columns) -> str:
                      f"{paired}.")
     parts.append("Means and p-values use the same (patient, slice) pairs: a slice enters a column only where "
                  "every model has a value.")
-    gaps = [f"{_column_name(c)}: {res['columns'][c]['n_slices']} slices" for c in columns if res["columns"][c]["left_out"]]
+    gaps = [f"{_column_name(c)}: {res['columns'][c]['n_slices']} slices"
+            for c in columns if res["columns"][c]["left_out"]]
     if gaps:
         parts.append("Fewer slices where a model missed a structure: " + "; ".join(gaps) + ".")
     parts.append(f"Patients: {res['patients_from']}.")

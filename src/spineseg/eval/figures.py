@@ -102,8 +102,8 @@ def bar_charts(res: dict, out: str | Path) -> list[Path]:
         if metric == "dice":
             ax.set_ylim(0, 105)
         folds = f", {res['n_folds']} folds" if res["n_folds"] > 1 else ""
-        ax.set_xlabel(f"mean ± std over test slices; n = {res['n_patients']} patients, {res['n_slices']} slices{folds}",
-                      fontsize=8)
+        ax.set_xlabel(f"mean ± std over test slices; n = {res['n_patients']} patients, "
+                      f"{res['n_slices']} slices{folds}", fontsize=8)
         ax.legend(fontsize=7, ncol=min(len(names), 5), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
         fig.tight_layout()
         p = out / f"bar_{metric}.png"

@@ -1,83 +1,294 @@
 """Anatomical plausibility of predictions on unlabelled scans (`spineseg sanity`).
 
-A slice passes when the prediction holds all three structures, each one connected region, with the
-canal lying between the vertebral body and the laminae, and every area inside the anatomical ranges of
-the phantom specification (the loosest range over slice positions and pathology).
+Checked on the raw prediction and on the post-processed one, slice by slice:
+
+- **Order**: canal and laminae present; the body present (except that a slice without a body, as at
+  disc level on clinical single slices, passes on canal + laminae); body and canal each one
+  4-connected region; in world coordinates the body anterior of the canal and the canal anterior of
+  the laminae, and the canal between body and laminae (not off to one side).
+- **Both laminae**: lamina area on each side of the body–canal axis (the world anterior-posterior line
+  through the canal where there is no body).
+- **Areas** outside :data:`spineseg.anatomy.AREA_LIMITS_MM2` are a warning, not part of the order rule.
+
+Directions come from the image's affine, never from the array layout, so an image stored in any
+orientation gets the same verdict.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import json
 from pathlib import Path
 
 import numpy as np
+from nibabel import orientations as nio
 from scipy import ndimage as ndi
 
 from .. import STRUCTURES
-from ..anatomy import AREA_LIMITS_MM2 as AREA_LIMITS
-from ..io.atomic import atomic_write_text
+from ..anatomy import AREA_LIMITS_MM2
+from ..errors import SpinesegError
+from ..io.atomic import atomic_path, atomic_write_text
+from ..io.images import case_stem, read_images, slice_affine, stack_output_name
+from ..io.layouts import collect_inputs
+from ..io.preview import LABEL_COLORS, to_gray
+from ..progress import progress as progress_bar
 
-CSV_COLUMNS = ("slice", "passed", "reason") + tuple(f"area_{s}" for s in STRUCTURES) + tuple(f"regions_{s}" for s in STRUCTURES)
+BODY, CANAL, LAMINA = 1, 2, 3
+STAGES = ("raw", "post")
+FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
+ANTERIOR = np.array([0.0, 1.0, 0.0])  # RAS: +y points to the patient's front
+PATIENT_RIGHT = np.array([1.0, 0.0, 0.0])  # RAS: +x points to the patient's right
+# lamina pixels this close to the midline axis belong to neither side (the laminae meet in the midline)
+MIDLINE_MM = 2.0
+# a side holds a lamina when it carries at least this much of the lamina area, and at least LAMINA_SIDE_MM2
+LAMINA_SIDE_FRACTION = 0.2
+LAMINA_SIDE_MM2 = 20.0  # a fifth of the smallest single lamina of PHANTOM.md (5 mm x 20 mm)
+# the canal centroid may lie at most this far (relative to the body-lamina distance) off the body-lamina line
+CANAL_OFF_AXIS = 0.5
+CROP_HALF_MM = 50.0  # montage panels show at least 100 mm around the predicted spine
+SHORT = {"vertebral_body": "body", "vertebral_foramen": "canal", "lamina": "laminae"}
 
 
-def check_slice(labels: np.ndarray, spacing) -> dict:
-    px = float(spacing[0] * spacing[1])
-    row = {"reason": []}
-    cents = {}
-    for k, s in enumerate(STRUCTURES, start=1):
-        m = labels == k
-        row[f"area_{s}"] = round(float(m.sum()) * px, 1)
-        row[f"regions_{s}"] = int(ndi.label(m, structure=np.ones((3, 3)))[1])
-        if not m.any():
-            row["reason"].append(f"{s} missing")
-            continue
-        if row[f"regions_{s}"] != 1:
-            row["reason"].append(f"{s} in {row[f'regions_{s}']} regions")
-        lo, hi = AREA_LIMITS[s]
-        if not lo <= row[f"area_{s}"] <= hi:
-            row["reason"].append(f"{s} area {row[f'area_{s}']:.0f} mm2 outside [{lo:.0f}, {hi:.0f}]")
-        cents[s] = np.argwhere(m).mean(0) * np.asarray(spacing)
-    if len(cents) == 3:
-        b, c, l = cents["vertebral_body"], cents["vertebral_foramen"], cents["lamina"]
-        axis = l - b
-        t = float(np.dot(c - b, axis) / max(np.dot(axis, axis), 1e-6))
-        off = float(np.linalg.norm((c - b) - t * axis) / max(np.linalg.norm(axis), 1e-6))
-        if not (0.0 < t < 1.0 and off < 0.5):
-            row["reason"].append("canal not between body and laminae")
-    row["passed"] = not row["reason"]
-    row["reason"] = "; ".join(row["reason"])
+# ----------------------------------------------------------------------------------------------- geometry
+
+def display_to_world(img) -> np.ndarray:
+    """4x4 matrix taking display indices ``(slice, row, col, 1)`` to RAS millimetres of the file's grid."""
+    if img.ornt is None:  # an in-memory image without a file: the display convention itself (L, P, S)
+        m = slice_affine(img.spacing, img.slice_thickness)
+    else:
+        shape3 = tuple(img.file_shape) + (1,) * (3 - len(img.file_shape))
+        to_display = nio.ornt_transform(img.ornt, nio.axcodes2ornt(("L", "P", "S")))
+        m = img.affine @ nio.inv_ornt_aff(to_display, shape3)  # (i=col, j=row, k=slice) -> world
+    return m @ np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)
+
+
+def plane_to_world(img, index: int) -> np.ndarray:
+    """3x3 matrix taking ``(row, col, 1)`` of display slice ``index`` to RAS millimetres."""
+    m = display_to_world(img)
+    return np.column_stack([m[:3, 1], m[:3, 2], m[:3, 0] * index + m[:3, 3]])
+
+
+def _world_points(mask: np.ndarray, plane: np.ndarray) -> np.ndarray:
+    rc = np.argwhere(mask)
+    return np.c_[rc, np.ones(len(rc))] @ plane.T
+
+
+# ----------------------------------------------------------------------------------------------- one slice
+
+def check_slice(labels: np.ndarray, plane: np.ndarray) -> dict:
+    """Order, both laminae, areas and region counts of one ``(H, W)`` label map.
+
+    ``plane`` is :func:`plane_to_world` of the slice; the pixel area comes from it too.
+    """
+    px_mm2 = float(np.linalg.norm(np.cross(plane[:, 0], plane[:, 1])))
+    masks = {s: labels == k for k, s in enumerate(STRUCTURES, start=1)}
+    row: dict = {}
+    for s, m in masks.items():
+        row[f"area_{s}_mm2"] = round(float(m.sum()) * px_mm2, 1)
+        row[f"regions_{s}"] = int(ndi.label(m, structure=FOUR_CONNECTED)[1])
+    found = {s: bool(m.any()) for s, m in masks.items()}
+    centre = {s: _world_points(m, plane).mean(0) for s, m in masks.items() if found[s]}
+    body, canal, lamina = STRUCTURES
+    reasons = [f"{SHORT[s]} missing" for s in (canal, lamina) if not found[s]]
+    reasons += [f"{SHORT[s]} in {row[f'regions_{s}']} regions" for s in (body, canal)
+                if found[s] and row[f"regions_{s}"] != 1]
+    if found[body] and found[canal] and np.dot(centre[body] - centre[canal], ANTERIOR) <= 0:
+        reasons.append("body not anterior of the canal")
+    if found[canal] and found[lamina] and np.dot(centre[canal] - centre[lamina], ANTERIOR) <= 0:
+        reasons.append("canal not anterior of the laminae")
+    if all(found.values()) and not _canal_between(centre[body], centre[canal], centre[lamina]):
+        reasons.append("canal not between body and laminae")
+    row["order"] = not reasons
+    row["reason"] = "; ".join(reasons)
+    row["body_found"] = found[body]
+    left, right = _lamina_sides(masks[lamina], plane, centre.get(body), centre.get(canal), px_mm2)
+    row["lamina_left_mm2"], row["lamina_right_mm2"] = round(left, 1), round(right, 1)
+    total = row[f"area_{lamina}_mm2"]
+    row["both_laminae"] = bool(found[lamina] and min(left, right) >= max(LAMINA_SIDE_MM2, LAMINA_SIDE_FRACTION * total))
+    row["area_warning"] = "; ".join(
+        f"{SHORT[s]} {row[f'area_{s}_mm2']:.0f} mm2 outside [{lo:.0f}, {hi:.0f}]"
+        for s, (lo, hi) in AREA_LIMITS_MM2.items() if found[s] and not lo <= row[f"area_{s}_mm2"] <= hi)
     return row
 
 
-def sanity_report(image, labels: np.ndarray, out: str | Path, slices=None) -> dict:
-    from ..io.preview import preview_grid
+def _canal_between(body: np.ndarray, canal: np.ndarray, lamina: np.ndarray) -> bool:
+    axis = lamina - body
+    length2 = max(float(np.dot(axis, axis)), 1e-6)
+    t = float(np.dot(canal - body, axis)) / length2
+    off = float(np.linalg.norm((canal - body) - t * axis)) / np.sqrt(length2)
+    return 0.0 < t < 1.0 and off < CANAL_OFF_AXIS
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    idx = list(range(image.num_slices)) if slices is None else list(slices)
+
+def _lamina_sides(lamina: np.ndarray, plane: np.ndarray, body, canal, px_mm2: float) -> tuple[float, float]:
+    """Lamina area (mm^2) on the patient's left and right of the midline axis (0, 0 without canal)."""
+    if canal is None or not lamina.any():
+        return 0.0, 0.0
+    normal = np.cross(plane[:, 0], plane[:, 1])
+    normal /= np.linalg.norm(normal)
+    axis = (body - canal) if body is not None else ANTERIOR - np.dot(ANTERIOR, normal) * normal
+    axis = axis - np.dot(axis, normal) * normal
+    lateral = np.cross(normal, axis)
+    lateral /= max(np.linalg.norm(lateral), 1e-9)
+    lateral *= np.sign(np.dot(lateral, PATIENT_RIGHT)) or 1.0
+    d = (_world_points(lamina, plane) - canal) @ lateral
+    return float((d < -MIDLINE_MM).sum() * px_mm2), float((d > MIDLINE_MM).sum() * px_mm2)
+
+
+# ----------------------------------------------------------------------------------------------- reports
+
+def check_image(img, raw: np.ndarray, post: np.ndarray, indices=None) -> list[dict]:
+    """One row per slice: both stages' checks, columns suffixed ``_raw`` / ``_post``."""
     rows = []
-    for i in idx:
-        r = check_slice(labels[i], image.spacing)
-        r["slice"] = i
-        rows.append(r)
+    for j, i in enumerate(range(img.num_slices) if indices is None else indices):
+        plane = plane_to_world(img, i)
+        row = {"slice": i}
+        for stage, labels in (("raw", raw[j]), ("post", post[j])):
+            row.update({f"{k}_{stage}": v for k, v in check_slice(labels, plane).items()})
+        rows.append(row)
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Counts per stage: slices passing the order rule, both laminae among them, area warnings."""
+    out = {"slices": len(rows)}
+    for stage in STAGES:
+        passing = [r for r in rows if r[f"order_{stage}"]]
+        both = sum(r[f"both_laminae_{stage}"] for r in passing)
+        out[stage] = {"order_pass": len(passing), "order_fraction": len(passing) / len(rows) if rows else 0.0,
+                      "both_laminae_of_passing": both,
+                      "both_laminae_fraction": both / len(passing) if passing else 0.0,
+                      "passing_without_body": sum(not r[f"body_found_{stage}"] for r in passing),
+                      "area_warnings": sum(bool(r[f"area_warning_{stage}"]) for r in rows)}
+    return out
+
+
+def summary_line(name: str, s: dict) -> str:
+    def stage(k):
+        t = s[k]
+        return (f"{k} {t['order_pass']}/{s['slices']} ({100 * t['order_fraction']:.1f} %, both laminae on "
+                f"{t['both_laminae_of_passing']}/{t['order_pass']}, {t['passing_without_body']} without body)")
+
+    return f"{name}: order {stage('raw')}; {stage('post')}"
+
+
+_VERDICTS = ("order", "both_laminae", "reason", "area_warning", "body_found")
+_MEASURES = tuple(f"area_{s}_mm2" for s in STRUCTURES) + tuple(f"regions_{s}" for s in STRUCTURES) + (
+    "lamina_left_mm2", "lamina_right_mm2")
+CSV_COLUMNS = (("input", "source", "slice") + tuple(f"{k}_{stage}" for k in _VERDICTS for stage in STAGES)
+               + tuple(f"{k}_{stage}" for stage in STAGES for k in _MEASURES))
+
+
+# ----------------------------------------------------------------------------------------------- montage
+
+def _crop(raw: np.ndarray, post: np.ndarray, spacing) -> tuple[slice, slice]:
+    fg = (post > 0) if post.any() else (raw > 0)
+    h, w = raw.shape
+    half_r, half_c = (int(round(CROP_HALF_MM / sp)) for sp in spacing)
+    if not fg.any():
+        return slice(max(0, h // 2 - half_r), h // 2 + half_r), slice(max(0, w // 2 - half_c), w // 2 + half_c)
+    rr, cc = np.flatnonzero(fg.any(1)), np.flatnonzero(fg.any(0))
+    cr, cc_ = (rr[0] + rr[-1]) // 2, (cc[0] + cc[-1]) // 2
+    half_r, half_c = max(half_r, (rr[-1] - rr[0]) // 2 + 8), max(half_c, (cc[-1] - cc[0]) // 2 + 8)
+    return slice(max(0, cr - half_r), cr + half_r), slice(max(0, cc_ - half_c), cc_ + half_c)
+
+
+def _verdict(row: dict, stage: str) -> str:
+    return ("pass" if row[f"order_{stage}"] else "FAIL") + ("" if row[f"both_laminae_{stage}"] else " 1L")
+
+
+def montage(panels: list[dict], path: str | Path, title: str, ncols: int = 6) -> None:
+    """Every slice cropped around the spine: post-processed outlines solid, raw outlines dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(panels)
+    ncols = max(1, min(ncols, n))
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.7 * ncols, 2.9 * nrows + 0.6), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, p in zip(axes.ravel(), panels):
+        sl = _crop(p["raw"], p["post"], p["spacing"])
+        ax.imshow(to_gray(p["image"][sl].astype(np.float32)), cmap="gray", interpolation="nearest")
+        for k, colour in LABEL_COLORS.items():
+            for labels, style, width in ((p["raw"], (0, (2, 2)), 1.6), (p["post"], "solid", 0.9)):
+                m = (labels[sl] == k).astype(float)
+                if m.any():
+                    ax.contour(m, levels=[0.5], colors=[colour], linestyles=[style], linewidths=width)
+        r = p["row"]
+        ax.set_title(f"{p['label']}\nraw {_verdict(r, 'raw')} | post {_verdict(r, 'post')}", fontsize=7,
+                     color="black" if r["order_post"] else "red")
+    fig.suptitle(f"{title}\nsolid: post-processed, dashed: raw; body blue, canal green, lamina orange; "
+                 "FAIL = order rule fails, 1L = both laminae not found", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.9 * nrows + 0.6)))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- command
+
+def _input_groups(inputs) -> list[tuple[str, list[Path]]]:
+    """One group per ``--input``: its name and the image files (or DICOM folders) it expands to."""
+    groups, names = [], set()
+    for given in map(Path, inputs):
+        files = collect_inputs([given])
+        name = given.name if given.is_dir() and (len(files) > 1 or files[0] != given) else case_stem(given)
+        base, k = name or "input", 1
+        while name in names:
+            k += 1
+            name = f"{base}_{k}"
+        names.add(name)
+        groups.append((name, files))
+    return groups
+
+
+def run_sanity(predictor, inputs, out, spacing: float | None = None, slices: tuple[int, int] | None = None,
+               progress: bool = True) -> dict:
+    """Predict every input with ``predictor.predict_both`` and check raw and post-processed label maps.
+
+    Writes ``sanity.csv`` (per slice), ``sanity.json`` (per input and overall) and one
+    ``montage_<input>.png`` per input (a folder of single slices is one input, a volume is one input).
+    """
+    out = Path(out)
+    all_rows, per_input = [], {}
+    montages = []
+    for name, files in _input_groups(inputs):
+        panels, rows = [], []
+        for f in progress_bar(files, desc=f"sanity {name}", unit="image", disable=not progress or len(files) < 2):
+            for img in read_images(f, spacing=spacing):
+                lo, hi = (0, img.num_slices) if slices is None else (slices[0], min(slices[1], img.num_slices))
+                if lo >= hi:
+                    raise SpinesegError(f"--slices {slices[0]}:{slices[1]} selects no slice of {img.num_slices}", f)
+                part = dataclasses.replace(img, data=img.data[lo:hi])
+                raw, post = predictor.predict_both(part)
+                source = stack_output_name(case_stem(f), img)
+                for row, j in zip(check_image(img, raw, post, range(lo, hi)), range(hi - lo)):
+                    row.update(input=name, source=source)
+                    rows.append(row)
+                    label = (source if img.num_slices == 1 else f"slice {row['slice']}" if len(files) == 1
+                             else f"{source} [{row['slice']}]")
+                    panels.append({"image": part.data[j], "raw": raw[j], "post": post[j], "spacing": img.spacing,
+                                   "row": row, "label": label})
+        per_input[name] = summarise(rows)
+        path = out / f"montage_{name}.png"
+        montage(panels, path, summary_line(name, per_input[name]))
+        montages.append(path)
+        all_rows += rows
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
-    w.writerows(rows)
+    w.writerows(all_rows)
     atomic_write_text(out / "sanity.csv", buf.getvalue())
-    # montage around the predicted spine (or the image centre when nothing was predicted)
-    fg = labels[idx] > 0
-    H, W = labels.shape[1:]
-    if fg.any():
-        rr = np.flatnonzero(fg.any((0, 2)))
-        cc = np.flatnonzero(fg.any((0, 1)))
-        cy, cx = (rr[0] + rr[-1]) // 2, (cc[0] + cc[-1]) // 2
-    else:
-        cy, cx = H // 2, W // 2
-    half = int(round(60.0 / image.spacing[0]))
-    sl = (slice(max(0, cy - half), cy + half), slice(max(0, cx - half), cx + half))
-    preview_grid([image.data[i][sl] for i in idx], [labels[i][sl] for i in idx], out / "montage.png",
-                 [f"slice {r['slice']}: {'pass' if r['passed'] else 'FAIL'}" for r in rows], ncols=6)
-    frac = float(np.mean([r["passed"] for r in rows])) if rows else 0.0
-    return {"fraction": frac, "passed": int(sum(r["passed"] for r in rows)), "slices": len(rows), "rows": rows}
+    report = {"model": getattr(predictor, "name", "?"), "postprocess": getattr(predictor, "postprocess", "?"),
+              "overall": summarise(all_rows), "inputs": per_input,
+              "rule": "order: canal and laminae present; body present or absent (disc level); body and canal one "
+                      "4-connected region each; body anterior of canal, canal anterior of laminae (world "
+                      "coordinates); canal between body and laminae. both laminae: lamina area on each side of "
+                      "the body-canal axis. Area warnings are not part of order."}
+    atomic_write_text(out / "sanity.json", json.dumps(report, indent=1) + "\n")
+    return {**report, "rows": all_rows, "montages": montages}
