@@ -208,7 +208,8 @@ def montage(panels: list[dict], path: str | Path, title: str, ncols: int = 6) ->
     n = len(panels)
     ncols = max(1, min(ncols, n))
     nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.7 * ncols, 2.9 * nrows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.7 * ncols, 3.1 * nrows + 0.6), squeeze=False,
+                             layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     for ax, p in zip(axes.ravel(), panels):
@@ -224,7 +225,6 @@ def montage(panels: list[dict], path: str | Path, title: str, ncols: int = 6) ->
                      color="black" if r["order_post"] else "red")
     fig.suptitle(f"{title}\nsolid: post-processed, dashed: raw; body blue, canal green, lamina orange; "
                  "FAIL = order rule fails, 1L = both laminae not found", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.9 * nrows + 0.6)))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
