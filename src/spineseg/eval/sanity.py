@@ -35,7 +35,6 @@ from ..io.layouts import collect_inputs
 from ..io.preview import LABEL_COLORS, to_gray
 from ..progress import progress as progress_bar
 
-BODY, CANAL, LAMINA = 1, 2, 3
 STAGES = ("raw", "post")
 FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
 ANTERIOR = np.array([0.0, 1.0, 0.0])  # RAS: +y points to the patient's front
