@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NNUNET := $(VENV)/.nnunet-installed
 
 .PHONY: install demo test bench clean
 
@@ -16,12 +17,20 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# nnU-Net v2 for the comparison row and its tests: --no-deps (its requirements would pull CUDA torch), then its
+# needs by hand; timm (only for DNA's Primus networks) is left out because it needs torchvision
+$(NNUNET): $(STAMP)
+	$(BIN)/pip install -q --no-deps nnunetv2==2.8.1 dynamic-network-architectures==0.4.4
+	$(BIN)/pip install -q acvl-utils==0.2.6 batchgenerators==0.25.5 batchgeneratorsv2==0.3.6 pandas graphviz \
+		requests seaborn imagecodecs yacs einops blosc2 tifffile
+	touch $(NNUNET)
+
+install: $(STAMP) $(NNUNET)
 
 demo: $(STAMP)
 	$(BIN)/python -m spineseg.demo --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) $(NNUNET)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -104,13 +104,39 @@ def test_every_registry_name_maps_64_to_64(name):
     assert m(torch.randn(1, 1, 64, 64)).shape == (1, 4, 64, 64)
 
 
-def test_registry_rows_differ_as_the_paper_says():
-    from spineseg.models.registry import ARCHITECTURES as A
+# the paper's ablation rows (Tables 5-6): block type, encoder dilations, Transformer kind
+ABLATION = {
+    "unet": ("PlainBlock", (1, 1, 1, 1), None),
+    "unet_res": ("ResBlock", (1, 1, 1, 1), None),
+    "unet_tm": ("PlainBlock", (1, 1, 1, 1), "full"),
+    "unet_ctm": ("PlainBlock", (1, 1, 1, 1), "clustered"),
+    "unet_res_ctm": ("ResBlock", (1, 1, 1, 1), "clustered"),
+    "resunet_ctm_dconv": ("ResBlock", (1, 2, 4, 8), "clustered"),
+    "spineseg": ("ResBlock", (1, 2, 4, 8), "clustered"),
+}
 
-    assert A["unet"]["attention"] == "none" and A["unet_tm"]["attention"] == "full"
-    assert A["unet_ctm"]["attention"] == A["resunet_ctm_dconv"]["attention"] == "clustered"
-    assert A["unet_res"]["block"] == "residual" and A["unet"]["block"] == "plain"
-    assert tuple(A["resunet_ctm_dconv"]["dilations"]) == (1, 2, 4, 8) and tuple(A["unet_res_ctm"]["dilations"]) == (1, 1, 1, 1)
+
+@pytest.mark.parametrize("name", list(ABLATION))
+def test_registry_rows_build_the_networks_the_paper_describes(name):
+    from spineseg.models.attention import TransformerBlock2d
+    from spineseg.train.config import resolve_config
+
+    block, dilations, attention = ABLATION[name]
+    m = build_model(name, base=8, clusters=16)
+    assert [type(e).__name__ for e in m.enc] == [block] * 4
+    assert type(m.bottleneck).__name__ == block and all(type(d).__name__ == block for d in m.dec)
+    convs = [[c for c in e.modules() if isinstance(c, torch.nn.Conv2d) and c.kernel_size == (3, 3)] for e in m.enc]
+    assert tuple(c[0].dilation[0] for c in convs) == dilations
+    assert all(c.dilation == c.padding for stage in convs for c in stage)  # dilated convs keep the size
+    blocks = [a for a in m.attn if isinstance(a, TransformerBlock2d)]
+    if attention is None:
+        assert not blocks
+    else:  # one Transformer after each of stages 2-4, full or clustered as the row says
+        assert [isinstance(a, TransformerBlock2d) for a in m.attn] == [False, True, True, True]
+        assert {b.attn.mode for b in blocks} == {attention}
+    # only the full model trains against the WGAN-GP critic
+    adversarial = resolve_config(name)["train"]["adversarial"]
+    assert adversarial == ("wgan-gp" if name == "spineseg" else "none")
 
 
 def test_one_step_lowers_supervised_loss():
@@ -131,15 +157,35 @@ def test_one_step_lowers_supervised_loss():
     assert loss_fn(m(x), y).item() < before
 
 
-def test_gradient_penalty_finite_and_positive():
+def _independent_gradient_penalty(critic, img, real, fake, eps):
+    """(||d critic / d x_hat||_2 - 1)^2 averaged over samples, one sample at a time with torch.func."""
+    from torch.func import grad
+
+    terms = []
+    for i in range(img.shape[0]):
+        x_hat = eps[i] * real[i] + (1 - eps[i]) * fake[i]
+        g = grad(lambda x: critic(img[i:i + 1], x[None]).sum())(x_hat)
+        terms.append((g.norm() - 1) ** 2)
+    return torch.stack(terms).mean()
+
+
+def test_wgan_gp_critic_loss_equals_an_independent_computation():
     torch.manual_seed(0)
-    c = Critic(5, base=8)
-    img = torch.randn(2, 1, 64, 64)
-    real = one_hot(torch.randint(0, 4, (2, 64, 64)), 4)
-    fake = torch.softmax(torch.randn(2, 4, 64, 64), 1)
-    gp = gradient_penalty(c, img, real, fake)
-    assert torch.isfinite(gp) and gp > 0
-    for mode in ("wgan-gp", "wgan", "bce"):
+    c = Critic(5, base=8).double()
+    img = torch.randn(3, 1, 64, 64, dtype=torch.float64)
+    real = one_hot(torch.randint(0, 4, (3, 64, 64)), 4).double()
+    fake = torch.softmax(torch.randn(3, 4, 64, 64, dtype=torch.float64), 1)
+    torch.manual_seed(11)
+    loss = critic_loss("wgan-gp", c, img, real, fake, gp_lambda=10.0)
+    torch.manual_seed(11)  # the same interpolation weights the loss drew
+    eps = torch.rand(3, 1, 1, 1, dtype=torch.float64)
+    gp = _independent_gradient_penalty(c, img, real, fake, eps)
+    wasserstein = c(img, fake).mean() - c(img, real).mean()
+    assert gp > 1e-3  # the penalty is not negligible here, so a wrong lambda shows
+    assert float(loss) == pytest.approx(float(wasserstein + 10.0 * gp), rel=1e-9)
+    torch.manual_seed(11)
+    assert float(gradient_penalty(c, img, real, fake)) == pytest.approx(float(gp), rel=1e-9)
+    for mode in ("wgan", "bce"):
         assert torch.isfinite(critic_loss(mode, c, img, real, fake))
 
 

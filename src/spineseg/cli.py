@@ -428,9 +428,23 @@ def check_outputs(a) -> None:
         remove_stale_temporaries(out)
 
 
+def _warnings_to_stderr() -> None:
+    """Library warnings (e.g. a DICOM folder's skipped files or split stacks) as one plain stderr line each."""
+    import logging
+
+    log = logging.getLogger("spineseg")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("spineseg: warning: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.WARNING)
+        log.propagate = False
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    _warnings_to_stderr()
     try:
         check_outputs(a)
         return int(a.func(a) or 0)
