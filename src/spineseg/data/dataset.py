@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,7 @@ from ..errors import SpinesegError
 from ..progress import progress as progress_bar
 from ..io.images import check_pair, read_image, read_label
 from ..io.layouts import Case
-from ..preprocess.pipeline import Geometry, PreprocessCache, PreprocessConfig, preprocess_slice
+from ..preprocess.pipeline import NO_CONTENT, Geometry, PreprocessCache, PreprocessConfig, preprocess_slice
 from .augment import AugmentConfig, augment
 
 
@@ -27,8 +28,13 @@ class SliceRecord:
 
 
 def prepare_slices(cases: list[Case], cfg: PreprocessConfig, cache: PreprocessCache | None = None,
-                   spacing: float | None = None, progress: bool = False) -> list[SliceRecord]:
-    """Read, check and preprocess every slice of ``cases`` (through the cache when one is given)."""
+                   spacing: float | None = None, progress: bool = False,
+                   skip_empty: bool = False) -> list[SliceRecord]:
+    """Read, check and preprocess every slice of ``cases`` (through the cache when one is given).
+
+    ``skip_empty``: leave out slices with no image content (e.g. the empty end slices of a volume)
+    instead of refusing them; each is named in a warning.
+    """
     out: list[SliceRecord] = []
     for case in progress_bar(cases, desc="preprocess", unit="case", disable=not progress):
         if cache is not None and _single_slice(case.image):
@@ -51,6 +57,9 @@ def prepare_slices(cases: list[Case], cfg: PreprocessConfig, cache: PreprocessCa
                     if exc.path:
                         raise
                     where = f" (slice {i})" if img.num_slices > 1 else ""
+                    if skip_empty and exc.problem.startswith(NO_CONTENT):
+                        logging.getLogger(__name__).warning("%s%s: %s; left out", case.image, where, exc.problem)
+                        continue
                     raise SpinesegError(exc.problem + where, case.image) from None
                 if key is not None:
                     cache.put(key, *hit)

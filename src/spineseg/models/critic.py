@@ -39,6 +39,7 @@ class Critic(nn.Module):
         self.features = nn.Sequential(*mods)
         self.score = nn.Linear(c, 1)
 
-    def forward(self, image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        h = self.features(torch.cat([image, labels], 1))
+    def forward(self, image: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """Score of (image ⊕ label map), or of the label map alone when ``image`` is None (a shape critic)."""
+        h = self.features(labels if image is None else torch.cat([image, labels], 1))
         return self.score(h.mean((2, 3))).squeeze(1)

@@ -65,6 +65,12 @@ class TrainOptions(_Section):
     gamma: float = 1.0
     gp_lambda: float = Field(10.0, ge=0)
     clip: float = Field(0.01, gt=0)
+    # output-space domain adaptation with unlabelled real slices (`train --unlabeled`): a label-map critic
+    # tells the generator's softmax on real slices from its softmax on phantom slices; 0 turns it off
+    domain_weight: float = Field(0.0, ge=0)
+    domain_objective: Literal["bce", "wgan-gp"] = "bce"
+    domain_batch_size: int = Field(4, ge=1)
+    domain_start_epoch: int = Field(0, ge=0)
     num_workers: int = Field(0, ge=0)
     val_every: int = Field(1, ge=1)
     amp: bool = True
@@ -79,6 +85,9 @@ class RunOptions(_Section):
     seed: int = 0
     case_is_patient: bool = False
     splits_file: str | None = None
+    unlabeled: list[str] = []  # unlabelled real images for domain adaptation (files or folders)
+    unlabeled_spacing: float | None = None  # pixel spacing (mm) of unlabelled PNG / TIFF slices
+    unlabeled_fingerprint: str = ""
 
 
 class Config(_Section):

@@ -77,3 +77,26 @@ def load_training_data(cases: list[Case], splits: list[dict], fold: int, pp: Pre
     if not val:  # a tiny data set: validate on a tenth of the training slices rather than not at all
         val = train[: max(1, len(train) // 10)]
     return TrainingData(cases, splits, fold, train, val)
+
+
+def unlabeled_cases(paths: list[str | Path]) -> list[Case]:
+    """Unlabelled real images (files, DICOM series folders, or folders of them), one case per input."""
+    from ..io.images import case_stem
+    from ..io.layouts import collect_inputs
+
+    inputs = collect_inputs(paths)
+    missing = [p for p in inputs if not Path(p).exists()]
+    if missing:
+        raise SpinesegError("no such file or folder (--unlabeled)", missing[0])
+    if not inputs:
+        raise SpinesegError("no images found (--unlabeled)", paths[0] if paths else None)
+    return [Case(f"{case_stem(p)}", Path(p), None, f"unlabeled:{case_stem(p)}") for p in inputs]
+
+
+def load_unlabeled(cases: list[Case], spacing: float | None, pp: PreprocessConfig, cache: PreprocessCache,
+                   progress: bool = True) -> list[SliceRecord]:
+    """Preprocessed slices of the unlabelled real images; empty slices are left out with a warning."""
+    recs = prepare_slices(cases, pp, cache, spacing=spacing, progress=progress, skip_empty=True)
+    if not recs:
+        raise SpinesegError("the unlabelled images hold no slice with image content", cases[0].image)
+    return recs

@@ -48,18 +48,54 @@ class Adversary:
                 p.requires_grad_(True)
 
 
+class DomainAdversary:
+    """Output-space domain adaptation (after Tsai et al. 2018, "AdaptSegNet"; the semi-supervised use of a
+    segmentation critic after Hung et al. 2018).
+
+    A critic that sees label maps only (no image) learns to tell the generator's softmax on phantom
+    slices ("source") from its softmax on unlabelled real slices ("target"); the generator is pushed to
+    make its real-slice maps indistinguishable, i.e. anatomically shaped like its phantom-slice maps.
+    Both sides are soft maps, so the critic cannot win on softness alone.
+    """
+
+    def __init__(self, critic: torch.nn.Module, optimizer: torch.optim.Optimizer, objective: str = "bce",
+                 weight: float = 0.01, gp_lambda: float = 10.0):
+        self.critic, self.optimizer, self.objective = critic, optimizer, objective
+        self.weight, self.gp_lambda = weight, gp_lambda
+
+    def update_critic(self, source_probs: torch.Tensor, target_probs: torch.Tensor) -> float:
+        loss = critic_loss(self.objective, self.critic, None, source_probs.detach(), target_probs.detach(),
+                           self.gp_lambda)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def generator_loss(self, target_probs: torch.Tensor) -> torch.Tensor:
+        for p in self.critic.parameters():
+            p.requires_grad_(False)
+        try:
+            return generator_adv_loss(self.objective, self.critic, None, target_probs)
+        finally:
+            for p in self.critic.parameters():
+                p.requires_grad_(True)
+
+
 class GeneratorStep:
     """Supervised CE + Dice on the labelled batch; with an adversary, critic update(s) first."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, seg_loss: SegLoss,
-                 scaler: torch.amp.GradScaler, device: torch.device, amp: bool, adversary: Adversary | None = None):
+                 scaler: torch.amp.GradScaler, device: torch.device, amp: bool, adversary: Adversary | None = None,
+                 domain: DomainAdversary | None = None):
         self.model, self.optimizer, self.seg_loss, self.scaler = model, optimizer, seg_loss, scaler
-        self.device, self.amp, self.adversary = device, amp, adversary
+        self.device, self.amp, self.adversary, self.domain = device, amp, adversary, domain
 
     def _autocast(self):
         return torch.autocast(self.device.type) if self.amp else contextlib.nullcontext()
 
-    def __call__(self, image: torch.Tensor, labels: torch.Tensor, adversarial: bool) -> dict:
+    def __call__(self, image: torch.Tensor, labels: torch.Tensor, adversarial: bool,
+                 unlabeled: torch.Tensor | None = None) -> dict:
+        """One update. ``unlabeled``: a batch of real slices for domain adaptation (None: no domain term)."""
         logs = {}
         if adversarial:
             with torch.no_grad(), self._autocast():
@@ -69,10 +105,18 @@ class GeneratorStep:
             logits = self.model(image)
         loss = self.seg_loss(logits, labels)
         logs["loss_seg"] = float(loss.detach())
+        probs = torch.softmax(logits.float(), 1)
         if adversarial:
-            adv = self.adversary.generator_loss(image, torch.softmax(logits.float(), 1))
+            adv = self.adversary.generator_loss(image, probs)
             logs["loss_adv"] = float(adv.detach())
             loss = loss + self.adversary.alpha * adv
+        if unlabeled is not None and self.domain is not None:
+            with self._autocast():
+                target_probs = torch.softmax(self.model(unlabeled).float(), 1)
+            logs["loss_domain_d"] = self.domain.update_critic(probs, target_probs)
+            dom = self.domain.generator_loss(target_probs)
+            logs["loss_domain"] = float(dom.detach())
+            loss = loss + self.domain.weight * dom
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

@@ -1,0 +1,107 @@
+"""Anatomically informed post-processing of one axial slice's label map.
+
+Keeping each structure's largest region (nnU-Net's rule) deletes one of the two laminae whenever they
+do not touch, and keeps a body blob on the psoas when it happens to be larger. Anatomy says more:
+
+- the canal is one region: its largest 4-connected region, holes filled (nerve roots, a dark CSF dot);
+- the vertebral body lies in front of the canal: of its regions, the one nearest the canal among those
+  anterior of it (the largest when there is no canal), holes filled, one 4-connected piece;
+- the laminae lie behind the canal, one on each side of the midline (or one V-shaped arch across it):
+  on each side the largest region whose centre lies behind the canal's front and within reach of it.
+
+Slices are in the display convention (rows run anterior -> posterior, columns patient right -> left),
+so "in front of" is "above"; distances are in millimetres with the slice's own pixel spacing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+BODY, CANAL, LAMINA = 1, 2, 3
+LAMINA_REACH_MM = 45.0  # a lamina's centre lies within this distance of the canal's centre
+MAX_HOLE_MM2 = 150.0  # holes up to this size are errors; a disc within the body's bony rim is larger
+FOUR = ndi.generate_binary_structure(2, 1)
+EIGHT = np.ones((3, 3), bool)
+
+
+def _regions(mask: np.ndarray, structure=EIGHT) -> list[np.ndarray]:
+    lab, n = ndi.label(mask, structure=structure)
+    if n == 0:
+        return []
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    return [lab == i + 1 for i in np.argsort(-sizes)]  # largest first
+
+
+def _centre_mm(mask: np.ndarray, spacing) -> np.ndarray:
+    return np.argwhere(mask).mean(0) * np.asarray(spacing, float)
+
+
+def _largest_four_connected(mask: np.ndarray) -> np.ndarray:
+    regions = _regions(mask, FOUR)
+    return regions[0] if regions else mask
+
+
+def _fill(mask: np.ndarray, spacing) -> np.ndarray:
+    """Fill holes smaller than ``MAX_HOLE_MM2`` (a dark marrow focus, a nerve root), not a disc inside a bony rim."""
+    holes = ndi.binary_fill_holes(mask) & ~mask
+    lab, n = ndi.label(holes)
+    if n:
+        sizes = np.bincount(lab.ravel(), minlength=n + 1) * spacing[0] * spacing[1]
+        small = np.flatnonzero(sizes < MAX_HOLE_MM2)
+        mask = mask | np.isin(lab, small[small > 0])
+    return mask
+
+
+def _pick_body(labels: np.ndarray, canal_centre, spacing) -> np.ndarray:
+    regions = _regions(labels == BODY)
+    if not regions:
+        return np.zeros(labels.shape, bool)
+    if canal_centre is None:
+        return regions[0]
+    front = [r for r in regions if _centre_mm(r, spacing)[0] < canal_centre[0]]
+    candidates = front or regions
+    # nearest to the canal, weighing size so that a speck next to the canal does not beat the body
+    def score(r):
+        edge_mm = ndi.distance_transform_edt(~r, sampling=spacing)[tuple(np.round(canal_centre / spacing).astype(int))]
+        return edge_mm - 0.01 * r.sum() * spacing[0] * spacing[1]
+    return min(candidates, key=score)
+
+
+def _pick_laminae(labels: np.ndarray, canal: np.ndarray, canal_centre, spacing) -> np.ndarray:
+    regions = _regions(labels == LAMINA)
+    if not regions or canal_centre is None:
+        return regions[0] if regions else np.zeros(labels.shape, bool)
+    canal_front_mm = np.argwhere(canal)[:, 0].min() * spacing[0]
+    keep = np.zeros(labels.shape, bool)
+    sides: dict[int, bool] = {}
+    for r in regions:  # largest first
+        c = _centre_mm(r, spacing)
+        if c[0] <= canal_front_mm or np.linalg.norm(c - canal_centre) > LAMINA_REACH_MM:
+            continue
+        cols = np.argwhere(r)[:, 1] * spacing[1]
+        spans = cols.min() < canal_centre[1] < cols.max()
+        side = 0 if spans else int(np.sign(c[1] - canal_centre[1]))
+        if side == 0 and not sides:  # one arch across the midline holds both laminae
+            return r
+        if side != 0 and side not in sides and 0 not in sides:
+            sides[side] = True
+            keep |= r
+        if len(sides) == 2:
+            break
+    return keep
+
+
+def anatomical_postprocess(labels: np.ndarray, spacing) -> np.ndarray:
+    """Clean one slice's label map ``(H, W)`` by the anatomy above; removed pixels become background."""
+    spacing = (float(spacing[0]), float(spacing[1]))
+    out = np.zeros_like(labels)
+    canal_regions = _regions(labels == CANAL, FOUR)
+    canal = _fill(canal_regions[0], spacing) if canal_regions else np.zeros(labels.shape, bool)
+    canal_centre = _centre_mm(canal, spacing) if canal.any() else None
+    body = _largest_four_connected(_fill(_pick_body(labels, canal_centre, spacing), spacing))
+    laminae = _pick_laminae(labels, canal, canal_centre, spacing)
+    out[laminae] = LAMINA
+    out[body & ~canal] = BODY
+    out[canal] = CANAL
+    return out

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from spineseg.data.phantom import phantom_slice
+from spineseg.infer.postprocess import anatomical_postprocess
+
+SPACING = (0.78125, 0.78125)
+
+
+@pytest.fixture(scope="module")
+def truth():
+    return [phantom_slice(0, p, k, size=256, spacing=SPACING[0]) for p in range(6) for k in range(2)]
+
+
+def _regions(mask):
+    from scipy import ndimage as ndi
+
+    return ndi.label(mask, structure=np.ones((3, 3)))[1]
+
+
+def test_a_correct_label_map_is_left_as_it_is(truth):
+    from scipy import ndimage as ndi
+
+    for s in truth:
+        if ndi.label(s.label == 1)[1] > 1:
+            continue  # a detached osteophyte labelled as body is not anatomy this rule keeps
+        assert np.array_equal(anatomical_postprocess(s.label, s.spacing), s.label), s.meta
+
+
+def test_both_laminae_survive_when_they_do_not_touch(truth):
+    s = truth[0]
+    lab = s.label.copy()
+    cols = np.argwhere(lab == 3)[:, 1]
+    mid = int(np.argwhere(lab == 2)[:, 1].mean())
+    lab[:, mid - 3:mid + 4][lab[:, mid - 3:mid + 4] == 3] = 0  # cut the arch at the midline
+    assert _regions(lab == 3) == 2 and cols.min() < mid < cols.max()
+    out = anatomical_postprocess(lab, s.spacing)
+    assert _regions(out == 3) == 2 and (out == 3).sum() == (lab == 3).sum()
+
+
+def test_the_body_next_to_the_canal_wins_over_a_larger_blob_on_the_psoas(truth):
+    s = truth[1]
+    lab = s.label.copy()
+    rows, cols = np.argwhere(lab == 1).T
+    psoas = np.zeros_like(lab, bool)
+    h, w = np.ptp(rows) + 10, np.ptp(cols) // 2 + 25
+    r0, c0 = rows.min(), max(0, cols.min() - w - 30)
+    psoas[r0:r0 + h, c0:c0 + w] = True
+    lab[psoas & (lab == 0)] = 1
+    assert (psoas & (lab == 1)).sum() > (s.label == 1).sum()  # the false blob is the larger one
+    out = anatomical_postprocess(lab, s.spacing)
+    assert np.array_equal(out == 1, s.label == 1)
+
+
+def test_lamina_fragments_in_front_of_the_canal_or_far_away_are_removed(truth):
+    s = truth[2]
+    lab = s.label.copy()
+    body_rows = np.argwhere(lab == 1)[:, 0]
+    lab[body_rows.min() - 12:body_rows.min() - 6, 100:110] = 3  # in front of the body
+    lab[2:8, 2:8] = 3  # a corner of the image, far from the canal
+    out = anatomical_postprocess(lab, s.spacing)
+    assert np.array_equal(out == 3, s.label == 3)
+
+
+def test_holes_in_body_and_canal_are_filled_and_the_canal_is_one_region(truth):
+    s = truth[3]
+    lab = s.label.copy()
+    for k in (1, 2):
+        r, c = np.argwhere(lab == k).mean(0).astype(int)
+        lab[r - 1:r + 2, c - 1:c + 2] = 0
+    r, c = np.argwhere(s.label == 2)[0]
+    lab[r - 30:r - 27, c:c + 3] = 2  # a canal speck elsewhere
+    out = anatomical_postprocess(lab, s.spacing)
+    assert np.array_equal(out == 1, s.label == 1) and np.array_equal(out == 2, s.label == 2)
