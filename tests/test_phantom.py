@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from spineseg import STRUCTURES
-from spineseg.data.phantom import area_range, phantom_slice
+from spineseg.data.phantom import STRUCTURE_TISSUES, TISSUE_NAMES, area_range, phantom_slice
 from spineseg.data.phantom_dataset import write_phantom_dataset
 from spineseg.eval.threshold_baseline import ThresholdBaseline
 
@@ -23,6 +23,16 @@ def test_label_values_and_all_structures(slices):
         assert vals <= {0, 1, 2, 3}
         assert vals == {0, 1, 2, 3}, f"missing structure in {s.meta}"
         assert s.image.shape == s.label.shape
+
+
+def test_every_label_covers_only_its_own_tissues(slices):
+    # a label is cleared wherever something else (foraminal fat, roots, ligaments, disc) is painted over it
+    randomized = [phantom_slice(1, p, 0, randomize=True) for p in range(8)]
+    for s in slices + randomized:
+        for lab, own in STRUCTURE_TISSUES.items():
+            foreign = (s.label == lab) & ~np.isin(s.tissue, own)
+            names = sorted({TISSUE_NAMES[t] for t in np.unique(s.tissue[foreign])})
+            assert not foreign.any(), f"label {lab} over {names} ({foreign.sum()} px) in {s.meta}"
 
 
 def test_areas_within_anatomical_ranges(slices):

@@ -35,6 +35,13 @@ TISSUE_NAMES = ("air", "fat", "muscle", "skin", "marrow", "cortex", "csf", "nerv
                 "nucleus", "annulus", "aorta", "ivc", "bowel_fluid", "bowel_wall", "gas", "kidney", "joint_fluid",
                 "modic", "fascia")
 
+# the tissues each labelled structure is made of: a label never covers anything else (PHANTOM.md acceptance)
+STRUCTURE_TISSUES = {
+    1: (CORTEX, MARROW, MODIC),  # vertebral body
+    2: (CSF, NERVE, EPIFAT),  # the canal space: dural sac (CSF, cauda equina) and epidural fat
+    3: (CORTEX, MARROW),  # laminae
+}
+
 # relative intensities per sequence (fat = ~1 on T2 FSE). Marrow deliberately overlaps muscle on T2.
 _CONTRAST_TABLES = {
     #        air   fat   musc  skin  marr  cort  csf   nerve epif  lig   nucl  annu  aorta ivc   bflu  bwal  gas   kidn  jflu  modic fasc
@@ -340,14 +347,14 @@ def _slice_anatomy(seed, patient, k, size, spacing, offset=(0.0, 0.0)):
             # transverse processes
             tp0 = (side * (ped_u + 2), ped_v1 - 2)
             tp1 = (side * (ped_u + lp["tp_len"]), ped_v1 + 3)
-            T[_seg_dist(u, v, tp0, tp1) <= 3.5] = CORTEX
-            T[_seg_dist(u, v, tp0, tp1) <= 2.3] = MARROW
+            T[(_seg_dist(u, v, tp0, tp1) <= 3.5) & ~body] = CORTEX
+            T[(_seg_dist(u, v, tp0, tp1) <= 2.3) & ~body] = MARROW
     else:
-        # intervertebral foramen: fat with the exiting nerve root
+        # intervertebral foramen beside the body: fat with the exiting nerve root
         for side in (-1, 1):
             fo = _seg_dist(u, v, (side * (ped_u + 1), ped_v0 + 3), (side * (ped_u + 3), ped_v1)) <= pw / 2 + 1
-            T[fo] = FAT
-            T[_ellipse(u, v, side * (ped_u + 2), (ped_v0 + ped_v1) / 2, 2.6, 2.2)] = NERVE
+            T[fo & ~body] = FAT
+            T[_ellipse(u, v, side * (ped_u + 2), (ped_v0 + ped_v1) / 2, 2.6, 2.2) & ~body] = NERVE
 
     lam_l, phi = lp["lamina_l"], lp["lamina_phi"] * (0.65 + 0.35 * lp["canal_s"])
     # the laminae's inner edge must clear the canal: v + |u| tan(phi) < p2_v - T / (2 cos phi) on the canal
