@@ -562,8 +562,9 @@ def _paint_body(g, a, cut, T, L, drawn):
         drawn["body"] = disc
         return
     body = g.mask("spine", bc, reach, lambda du, dv: _body_shape(du, dv, a_b, b_bd, p, concav))
-    for side, (frac, ra, rb) in zip((-1, 1), a["osteophytes"]):
-        body |= g.ellipse("spine", (side * a_b * 0.92, a["body_cy"] - b_bd * frac), ra, rb, side * 0.6)
+    for side, (frac, ra, rb) in zip((-1, 1), a["osteophytes"]):  # spurs centred on the anterolateral rim
+        rim = a_b * (1 - frac ** p) ** (1 / p)
+        body |= g.ellipse("spine", (side * rim, a["body_cy"] - b_bd * frac), ra, rb, side * 0.6)
     shrink = a["marrow_shrink"]
     marrow = body & g.mask("spine", bc, reach, lambda du, dv: _body_shape(du, dv, a_b, b_bd, p, concav, -shrink))
     T[body] = CORTEX
@@ -669,7 +670,8 @@ def _paint_facets(g, a, cut, T, L, drawn):
     the lamina, the superior one (SAP) lies anterolateral to it, and the joint line between them runs from
     anteromedial to posterolateral."""
     lp, ag, body = a["lp"], _arch_geometry(a), drawn["body"]
-    fs = lp["facet"] * (1.35 if lp["stenosis"] else 1.0) * (1.0 if cut.position == "pedicle" else 1.12)
+    # hypertrophic in stenosis, larger towards the disc; capped so they hug the laminae rather than replace them
+    fs = min(1.6, lp["facet"] * (1.35 if lp["stenosis"] else 1.0) * (1.0 if cut.position == "pedicle" else 1.12))
     for side, end, alpha in zip((-1, 1), ag["ends"], a["facet_angle"]):
         ang = -side * alpha  # joint line at alpha from the sagittal plane
         normal = (side * np.cos(alpha), -np.sin(alpha))  # across the joint, towards the SAP
