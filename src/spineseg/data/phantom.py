@@ -750,7 +750,7 @@ def _slice_meta(a: dict) -> dict:
     lp = a["lp"]
     return {
         "level": LEVELS[a["level"]], "position": a["position"], "stenosis": bool(lp["stenosis"]),
-        "protrusion": bool(a["canal"]["protrusion"]), "modic": bool(lp["modic"] and a["position"] != "pedicle"),
+        "protrusion": bool(a["canal"]["protrusion"]), "modic": bool(lp["modic"]) and a["position"] in ("infrapedicular", "endplate"),
         "osteophytes": bool(a["osteophytes"]) and a["position"] != "disc", "scanner": a["pp"]["scanner"],
         "rotation_deg": round(float(np.rad2deg(a["theta"])), 2), "height_mm": round(a["height"], 2),
     }
