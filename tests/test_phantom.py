@@ -65,7 +65,8 @@ def test_each_structure_is_one_region(slices):
     for s in slices:
         for k in (1, 2):
             n = ndi.label(s.label == k)[1]
-            assert n == (0 if k == 1 and s.meta["position"] == "disc" else 1), f"label {k} has {n} components ({s.meta})"
+            expected = 0 if k == 1 and s.meta["position"] == "disc" else 1
+            assert n == expected, f"label {k} has {n} components ({s.meta})"
 
 
 def test_anatomical_order_body_canal_lamina(slices):

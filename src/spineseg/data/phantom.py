@@ -173,7 +173,8 @@ class _Grid:
         bone = 0.5 * np.stack([_smooth_noise(rng, self.shape, bone_cells, sigma=0.0) for _ in range(2)])
         c, s = np.cos(theta), np.sin(theta)
         self.frames = {"patient": (X + soft[0], Y + soft[1]),
-                       "spine": (c * (X - x0) + s * (Y - y0) + bone[0], (-s * (X - x0) + c * (Y - y0)) / tilt + bone[1])}
+                       "spine": (c * (X - x0) + s * (Y - y0) + bone[0],
+                                 (-s * (X - x0) + c * (Y - y0)) / tilt + bone[1])}
         self.margin = {"patient": float(np.abs(soft).max()), "spine": float(np.abs(bone).max())}
 
     def box(self, frame, centre, reach):
@@ -185,13 +186,16 @@ class _Grid:
             r = (reach + self.margin["spine"]) * self.tilt * (abs(c) + abs(s))
         else:
             cx, cy, r = cu, cv, reach + self.margin["patient"]
-        H, W = self.shape
-        sp = self.spacing
-        r0, r1 = max(0, int(np.floor((cy - r) / sp + (H - 1) / 2))), min(H, int(np.ceil((cy + r) / sp + (H - 1) / 2)) + 1)
-        c0, c1 = max(0, int(np.floor((cx - r) / sp + (W - 1) / 2))), min(W, int(np.ceil((cx + r) / sp + (W - 1) / 2)) + 1)
-        if r0 >= r1 or c0 >= c1:
+        rows, cols = (self._pixels(centre_mm, r, n) for centre_mm, n in ((cy, self.shape[0]), (cx, self.shape[1])))
+        if rows.start >= rows.stop or cols.start >= cols.stop:
             return None
-        return slice(r0, r1), slice(c0, c1)
+        return rows, cols
+
+    def _pixels(self, centre_mm, reach, n):
+        """Pixel index range along one axis covering ``centre_mm`` +- ``reach``."""
+        lo = int(np.floor((centre_mm - reach) / self.spacing + (n - 1) / 2))
+        hi = int(np.ceil((centre_mm + reach) / self.spacing + (n - 1) / 2)) + 1
+        return slice(max(0, lo), min(n, hi))
 
     def mask(self, frame, centre, reach, inside):
         """Full-size mask of ``inside(du, dv)``, evaluated on coordinates relative to ``centre``."""
@@ -343,7 +347,8 @@ def _cut_at(lp: dict, height: float) -> _Cut:
 def _height_range(lp: dict, position: str) -> tuple[float, float]:
     disc_top, endplate_top, pedicle_bottom = lp["zones"]
     return {"disc": (0.0, disc_top), "endplate": (disc_top, endplate_top),
-            "infrapedicular": (endplate_top, pedicle_bottom), "pedicle": (pedicle_bottom, pedicle_bottom + 12.0)}[position]
+            "infrapedicular": (endplate_top, pedicle_bottom),
+            "pedicle": (pedicle_bottom, pedicle_bottom + 12.0)}[position]
 
 
 def _plan_slice(seed, patient, k, size, spacing, offset=(0.0, 0.0)) -> tuple[dict, _Grid]:
@@ -402,7 +407,8 @@ def _plan_slice(seed, patient, k, size, spacing, offset=(0.0, 0.0)) -> tuple[dic
                   float(r.uniform(0.25, 0.45)), float(r.uniform(0, np.pi)))
     # basivertebral vein: visible or not, radius, length, Y-branches
     a["vein"] = (r.random() < 0.65, float(r.uniform(0.7, 1.2)), float(r.uniform(0.25, 0.45)), r.random() < 0.7)
-    a["disc"] = (float(r.uniform(0.0, 2.5)), float(r.uniform(0.55, 0.8)), float(r.uniform(-0.15, 0.1)))  # bulge, nucleus, v
+    # disc: bulge beyond the body outline (mm), nucleus size, nucleus AP offset (both relative to the body)
+    a["disc"] = (float(r.uniform(0.0, 2.5)), float(r.uniform(0.55, 0.8)), float(r.uniform(-0.15, 0.1)))
     a["facet_angle"] = [float(r.uniform(0.6, 1.1)) for _ in range(2)]
     a["sp_tip"] = float(r.normal(0, 1.0))
     a["roots"] = [(float(r.normal(0, 0.25)), float(r.uniform(-0.1, 0.55)), float(r.uniform(0.5, 0.9)),
@@ -570,7 +576,8 @@ def _paint_body(g, a, cut, T, L, drawn):
     T[body] = CORTEX
     T[marrow] = MARROW
     for fu, fv, radius, aspect, ang in a["foci"]:  # yellow-marrow foci (and haemangioma-like spots)
-        T[g.ellipse("spine", (fu * a_b, a["body_cy"] + fv * b_bd), radius, radius * aspect, ang) & marrow] = YELLOW_MARROW
+        focus = g.ellipse("spine", (fu * a_b, a["body_cy"] + fv * b_bd), radius, radius * aspect, ang)
+        T[focus & marrow] = YELLOW_MARROW
     if lp["modic"] and cut.position != "pedicle":  # endplate-adjacent marrow change
         mu, mv, ma, mb, ang = a["modic"]
         modic = g.ellipse("spine", (mu * a_b, a["body_cy"] + mv * b_bd), a_b * ma, b_bd * mb, ang) & marrow
@@ -750,7 +757,8 @@ def _slice_meta(a: dict) -> dict:
     lp = a["lp"]
     return {
         "level": LEVELS[a["level"]], "position": a["position"], "stenosis": bool(lp["stenosis"]),
-        "protrusion": bool(a["canal"]["protrusion"]), "modic": bool(lp["modic"]) and a["position"] in ("infrapedicular", "endplate"),
+        "protrusion": bool(a["canal"]["protrusion"]),
+        "modic": bool(lp["modic"]) and a["position"] in ("infrapedicular", "endplate"),
         "osteophytes": bool(a["osteophytes"]) and a["position"] != "disc", "scanner": a["pp"]["scanner"],
         "rotation_deg": round(float(np.rad2deg(a["theta"])), 2), "height_mm": round(a["height"], 2),
     }
