@@ -92,7 +92,7 @@ def test_split_body_or_canal_fails_on_raw_and_is_reported_beside_post():
 
 
 def test_disc_level_slice_without_body_passes_on_canal_and_laminae():
-    s, plane = _truth(1, 0)  # a disc-level phantom slice
+    s, plane = _truth(5, 2)  # a disc-level phantom slice
     assert s.meta["position"] == "disc"
     r = check_slice(np.where(s.label == BODY, 0, s.label), plane)
     assert r["order"] and not r["body_found"] and r["both_laminae"]

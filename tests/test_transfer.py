@@ -3,7 +3,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from spineseg.data.phantom import phantom_slice
+from spineseg import STRUCTURES
+from spineseg.data.phantom import area_range, phantom_slice
 from spineseg.preprocess.pipeline import PreprocessConfig, preprocess_slice, probabilities_to_labels
 
 WORKING = PreprocessConfig(target_size=192, target_spacing=1.0, posterior_shift=0.2)
@@ -53,5 +54,7 @@ def test_randomized_phantom_is_deterministic_and_varied():
     assert len({s.meta["contrast"] for s in a}) >= 3
     assert len({s.spacing for s in a}) == 6
     for s in a:  # anatomy in mm is unchanged by randomisation
-        for k, (lo, hi) in zip((1, 2, 3), ((250, 2000), (35, 300), (150, 650))):
-            assert lo <= (s.label == k).sum() * s.spacing[0] ** 2 <= hi
+        m = s.meta
+        for k, name in enumerate(STRUCTURES, start=1):
+            lo, hi = area_range(name, m["position"], m["stenosis"], m["protrusion"])
+            assert lo <= (s.label == k).sum() * s.spacing[0] ** 2 <= hi, (name, m)

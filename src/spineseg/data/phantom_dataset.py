@@ -12,7 +12,7 @@ from ..errors import SpinesegError
 from ..progress import progress as progress_bar
 from ..io.atomic import atomic_dir, atomic_write_text
 from ..io.images import save_slice_nifti
-from .phantom import CONTRASTS, phantom_slice
+from .phantom import CONTRASTS, POSITIONS, phantom_slice
 
 CASES_COLUMNS = ("case", "patient", "level", "position", "stenosis", "protrusion", "modic", "osteophytes",
                  "contrast", "spacing_mm", "size")
@@ -46,7 +46,8 @@ def write_phantom_dataset(out: str | Path, patients: int, slices_per_patient: in
         raise SpinesegError(f"unknown --contrast {contrast!r}")
     out = Path(out)
     jobs = [(p, k) for p in range(patients) for k in range(slices_per_patient)]
-    rows, prev = [], []
+    rows = []
+    prev = {position: [] for position in POSITIONS}  # the preview shows up to 3 slices of every slice position
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
@@ -59,8 +60,8 @@ def write_phantom_dataset(out: str | Path, patients: int, slices_per_patient: in
             m = s.meta
             rows.append([cid, f"P{p:03d}", m["level"], m["position"], int(m["stenosis"]), int(m["protrusion"]),
                          int(m["modic"]), int(m["osteophytes"]), m["contrast"], m["spacing"], m["size"]])
-            if preview is not None and len(prev) < 12 and k < 3:
-                prev.append((s.image, s.label, f"{cid} {m['level']} {m['position']}"))
+            if preview is not None and len(prev[m["position"]]) < 3:
+                prev[m["position"]].append((s.image, s.label, f"{cid} {m['level']} {m['position']}"))
         atomic_write_text(tmp / "dataset.json", json.dumps(dataset_json(len(jobs)), indent=2) + "\n")
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -74,5 +75,6 @@ def write_phantom_dataset(out: str | Path, patients: int, slices_per_patient: in
     if preview is not None:
         from ..io.preview import preview_grid
 
-        preview_grid([a for a, _, _ in prev], [b for _, b, _ in prev], preview, [t for _, _, t in prev])
+        shown = [item for position in POSITIONS for item in prev[position]]
+        preview_grid([a for a, _, _ in shown], [b for _, b, _ in shown], preview, [t for _, _, t in shown])
     return out
