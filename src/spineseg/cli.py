@@ -147,11 +147,13 @@ def cmd_experiment(a) -> int:
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     folds = [int(f) for f in a.folds.split(",")]
     from .train.config import parse_set
+    from .train.distributed import session
 
-    run_experiment(a.data, models, a.out, split=a.split, folds=folds, budget_minutes=a.budget_minutes,
-                   epochs=a.epochs, config=a.config, seed=a.seed, reference=a.reference, progress=not a.quiet,
-                   argv=sys.argv[1:], postprocess=a.postprocess, sets=parse_set(a.set),
-                   case_is_patient=a.case_is_patient)
+    sets = parse_set(a.set)
+    with session():  # under torchrun: every rank trains each model; rank 0 alone predicts, evaluates, compares
+        run_experiment(a.data, models, a.out, split=a.split, folds=folds, budget_minutes=a.budget_minutes,
+                       epochs=a.epochs, config=a.config, seed=a.seed, reference=a.reference, progress=not a.quiet,
+                       argv=sys.argv[1:], postprocess=a.postprocess, sets=sets, case_is_patient=a.case_is_patient)
     return 0
 
 
