@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,18 @@ def test_each_rank_keeps_its_own_random_stream(distributed_run):
     work, _ = distributed_run
     rank0, rank1 = load_checkpoint(work / "run" / "last.pt")["rng_ranks"]
     assert not torch.equal(rank0["torch"], rank1["torch"])  # e.g. the gradient penalty's interpolation
+
+
+def test_resume_under_torchrun_continues_each_rank_and_logs_every_epoch_once(distributed_run):
+    work, _ = distributed_run
+    shutil.copytree(work / "run", work / "resumed")
+    proc = torchrun(["train", "--out", "resumed", "--resume", "--cache", "cache", "--set", "train.epochs=3"], work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = work / "resumed"
+    with open(run / "log.csv", newline="") as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3]
+    first, second = json.loads((run / "distributed.json").read_text())["sessions"]
+    assert second["from_epoch"] == 2 and second["random_streams"] == "continued per rank"
+    rank0, rank1 = load_checkpoint(run / "last.pt")["rng_ranks"]
+    assert not torch.equal(rank0["torch"], rank1["torch"])
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3
