@@ -41,8 +41,8 @@ from ..preprocess.pipeline import PreprocessCache, PreprocessConfig
 from ..progress import progress as progress_bar
 from .config import EXTENDABLE, config_differences, describe_value, resolve_config, validate_config
 from .data import dataset_fingerprint, load_training_data, resolve_splits, training_cases
-from .losses import SegLoss
 from .distributed import current as current_ranks, rank_seed
+from .losses import SegLoss
 from .runlog import RunLog
 from .state import capture_rng, restore_rng, seed_everything
 from .steps import Adversary, GeneratorStep
