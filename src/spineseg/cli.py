@@ -80,15 +80,18 @@ def cmd_info(a) -> int:
 
 
 def cmd_train(a) -> int:
+    from .train.config import parse_set
+    from .train.distributed import session
     from .train.loop import train
 
-    from .train.config import parse_set
-
-    res = train(data=a.data, model=a.model, out=a.out, config=a.config, fold=a.fold, split=a.split,
-                resume=a.resume, seed=a.seed, device=a.device, cache=a.cache, splits_file=a.splits,
-                progress=not a.quiet, sets=parse_set(a.set), case_is_patient=a.case_is_patient)
-    print(json.dumps(res))
-    print(f"checkpoints: {Path(a.out) / 'best.pt'} (best validation Dice), {Path(a.out) / 'last.pt'}")
+    sets = parse_set(a.set)
+    with session(a.device) as ranks:  # under torchrun: one process group for the whole command
+        res = train(data=a.data, model=a.model, out=a.out, config=a.config, fold=a.fold, split=a.split,
+                    resume=a.resume, seed=a.seed, device=a.device, cache=a.cache, splits_file=a.splits,
+                    progress=not a.quiet, sets=sets, case_is_patient=a.case_is_patient)
+    if ranks.is_main:
+        print(json.dumps(res))
+        print(f"checkpoints: {Path(a.out) / 'best.pt'} (best validation Dice), {Path(a.out) / 'last.pt'}")
     return 0
 
 
@@ -144,11 +147,13 @@ def cmd_experiment(a) -> int:
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     folds = [int(f) for f in a.folds.split(",")]
     from .train.config import parse_set
+    from .train.distributed import session
 
-    run_experiment(a.data, models, a.out, split=a.split, folds=folds, budget_minutes=a.budget_minutes,
-                   epochs=a.epochs, config=a.config, seed=a.seed, reference=a.reference, progress=not a.quiet,
-                   argv=sys.argv[1:], postprocess=a.postprocess, sets=parse_set(a.set),
-                   case_is_patient=a.case_is_patient)
+    sets = parse_set(a.set)
+    with session():  # under torchrun: every rank trains each model; rank 0 alone predicts, evaluates, compares
+        run_experiment(a.data, models, a.out, split=a.split, folds=folds, budget_minutes=a.budget_minutes,
+                       epochs=a.epochs, config=a.config, seed=a.seed, reference=a.reference, progress=not a.quiet,
+                       argv=sys.argv[1:], postprocess=a.postprocess, sets=sets, case_is_patient=a.case_is_patient)
     return 0
 
 

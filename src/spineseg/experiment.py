@@ -8,6 +8,9 @@ Layout of OUT::
     compare/                 tables.md/.tex/.csv, bar_dice.png, bar_hd95.png, overlays.png, per_slice.csv per model
 
 Finished steps are skipped, so an interrupted experiment resumes where it stopped.
+
+Under torchrun (``torchrun --nproc_per_node N $(which spineseg) experiment ...``) every rank trains
+each model together; rank 0 alone writes, predicts, evaluates and compares, while the others wait.
 """
 
 from __future__ import annotations
@@ -24,20 +27,18 @@ from .data.splits import check_splits, load_splits, make_splits, write_splits
 from .errors import SpinesegError
 from .io.atomic import atomic_write_text
 from .models.registry import model_names
+from .train.distributed import current as current_ranks
 
 
 def _log(msg: str) -> None:
-    print(msg, flush=True)
+    if current_ranks().is_main:
+        print(msg, flush=True)
 
 
 def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,), budget_minutes: float | None = None,
                    epochs: int | None = None, config: str = "cpu-quick", seed: int = 0, reference: str | None = None,
                    progress: bool = True, argv: list[str] | None = None, postprocess: str = "largest",
                    sets: dict | None = None, case_is_patient: bool = False) -> Path:
-    from .eval.compare import write_comparison
-    from .eval.evaluate import evaluate_folders, read_per_slice, write_reports
-    from .infer.predict import Predictor
-    from .io.images import read_image, write_labels_like
     from .train.config import resolve_config
     from .train.data import training_cases
     from .train.loop import Trainer
@@ -55,10 +56,11 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
     for m in models:  # every config error surfaces before anything is written
         resolve_config(m, config, overrides, sets)
     out = Path(out)
+    ranks = current_ranks()
     cases = training_cases(data, case_is_patient)
     by_id = {c.case_id: c for c in cases}
     split_path = out / "splits.json"
-    splits = load_splits(split_path) if split_path.exists() else make_splits(cases, split)
+    splits = ranks.broadcast(load_splits(split_path) if split_path.exists() else make_splits(cases, split))
     check_splits(splits, cases, split_path if split_path.exists() else None)
     for k in folds:
         if not 0 <= k < len(splits):
@@ -66,17 +68,19 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
         if not splits[k].get("test"):
             raise SpinesegError(f"fold {k} has no test list: an experiment tests on held-out patients, never on "
                                 "the validation patients", split_path if split_path.exists() else data)
-    out.mkdir(parents=True, exist_ok=True)
-    if not split_path.exists():
-        write_splits(split_path, splits)
-    meta = {"command": "spineseg " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])), "data": str(Path(data).resolve()),
-            "models": models, "split": split, "folds": list(folds), "budget_minutes": budget_minutes, "epochs": epochs,
-            "config": config, "sets": sets or {}, "seed": seed, "postprocess": postprocess}
-    phantom = Path(data) / "phantom.json"
-    if phantom.exists():
-        meta["phantom"] = json.loads(phantom.read_text())
-    atomic_write_text(out / "experiment.json", json.dumps(meta, indent=1) + "\n")
-
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not split_path.exists():
+            write_splits(split_path, splits)
+        meta = {"command": "spineseg " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+                "data": str(Path(data).resolve()), "models": models, "split": split, "folds": list(folds),
+                "budget_minutes": budget_minutes, "epochs": epochs, "config": config, "sets": sets or {}, "seed": seed,
+                "postprocess": postprocess}
+        phantom = Path(data) / "phantom.json"
+        if phantom.exists():
+            meta["phantom"] = json.loads(phantom.read_text())
+        atomic_write_text(out / "experiment.json", json.dumps(meta, indent=1) + "\n")
+    ranks.barrier()  # every rank's trainer reads splits.json
     eval_dirs: dict[str, list[Path]] = {m: [] for m in models}
     for k in folds:
         test_ids = splits[k]["test"]
@@ -95,24 +99,44 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
                                       overrides=overrides, sets=sets, progress=progress, splits_file=split_path,
                                       case_is_patient=case_is_patient)
                 res = trainer.fit()
-                atomic_write_text(done, json.dumps({**res, "wall_seconds": time.perf_counter() - t0}, indent=1) + "\n")
-            pred_dir = run / "pred"
-            if not (pred_dir / ".complete").exists():
-                _log(f"[{m} fold {k}] predicting {len(test_ids)} test cases")
-                predictor = Predictor(run / "best.pt", postprocess=postprocess)
-                pred_dir.mkdir(parents=True, exist_ok=True)
-                for cid in test_ids:
-                    img = read_image(by_id[cid].image)
-                    write_labels_like(pred_dir / f"{cid}.nii.gz", predictor.predict_volume(img), img)
-                (pred_dir / ".complete").write_text("")
-            ev = run / "eval"
-            if not (ev / "summary.md").exists():
-                rows = evaluate_folders(pred_dir, Path(data), cases=test_ids)
-                write_reports(rows, ev, title=f"{m}, fold {k}")
-                atomic_write_text(ev / "run.json", json.dumps({"name": m, "fold": k}) + "\n")
-            eval_dirs[m].append(ev)
+                if ranks.is_main:
+                    atomic_write_text(done, json.dumps({**res, "wall_seconds": time.perf_counter() - t0}, indent=1)
+                                      + "\n")
+            eval_dirs[m].append(run / "eval")
+            if ranks.is_main:
+                _predict_and_evaluate(m, k, run, test_ids, by_id, data, postprocess)
+            ranks.barrier()  # the next model starts from what rank 0 has written
+    if ranks.is_main:
+        _compare(out, models, folds, eval_dirs, reference, splits, by_id)
+    return out
 
-    # pool folds per model, then compare
+
+def _predict_and_evaluate(m: str, k: int, run: Path, test_ids, by_id, data, postprocess: str) -> None:
+    from .eval.evaluate import evaluate_folders, write_reports
+    from .infer.predict import Predictor
+    from .io.images import read_image, write_labels_like
+
+    pred_dir = run / "pred"
+    if not (pred_dir / ".complete").exists():
+        _log(f"[{m} fold {k}] predicting {len(test_ids)} test cases")
+        predictor = Predictor(run / "best.pt", postprocess=postprocess)
+        pred_dir.mkdir(parents=True, exist_ok=True)
+        for cid in test_ids:
+            img = read_image(by_id[cid].image)
+            write_labels_like(pred_dir / f"{cid}.nii.gz", predictor.predict_volume(img), img)
+        (pred_dir / ".complete").write_text("")
+    ev = run / "eval"
+    if not (ev / "summary.md").exists():
+        rows = evaluate_folders(pred_dir, Path(data), cases=test_ids)
+        write_reports(rows, ev, title=f"{m}, fold {k}")
+        atomic_write_text(ev / "run.json", json.dumps({"name": m, "fold": k}) + "\n")
+
+
+def _compare(out: Path, models, folds, eval_dirs, reference, splits, by_id) -> None:
+    """Pool the folds per model, then compare the models."""
+    from .eval.compare import write_comparison
+    from .eval.evaluate import read_per_slice, write_reports
+
     cmp_dir = out / "compare"
     cmp_dir.mkdir(parents=True, exist_ok=True)
     pooled = []
@@ -130,7 +154,6 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
     write_comparison(pooled, cmp_dir, reference=ref)
     _overlay_figure(out, models, folds[0], splits, by_id, cmp_dir / "overlays.png")
     _log(f"comparison: {cmp_dir / 'tables.md'}")
-    return out
 
 
 def _overlay_figure(out: Path, models, fold, splits, by_id, path, n: int = 4) -> None:

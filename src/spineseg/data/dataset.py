@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import SpinesegError
 from ..progress import progress as progress_bar
@@ -109,8 +109,21 @@ class SliceDataset(Dataset):
 
 
 def make_loader(records, batch_size: int, shuffle: bool, augment: AugmentConfig | None = None, seed: int = 0,
-                num_workers: int = 0) -> DataLoader:
+                num_workers: int = 0, epoch: int = 0, shard: tuple[int, int] | None = None) -> DataLoader:
+    """A loader over ``records``; augmentation is seeded by (seed, epoch, slice index), so it is the same whichever
+    process draws a slice.
+
+    With ``shard=(rank, world_size)`` this process draws its own share of the slices through a
+    `DistributedSampler`: one permutation per (seed, epoch), shared by every rank, split into disjoint parts
+    (padded with a few repeats to a multiple of the world size, so every rank takes as many steps).
+    """
     ds = SliceDataset(records, augment=augment, seed=seed)
+    ds.epoch = epoch
+    if shard is not None:
+        rank, world_size = shard
+        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=False)
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=gen,
                       drop_last=False)

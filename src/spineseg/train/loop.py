@@ -6,10 +6,16 @@
 - resume state: weights, both optimisers, the critic, the GradScaler, the RNG states, the epoch and
   the best score, in ``last.pt``; the log row of each epoch is written after its checkpoint
 - logging: `train.runlog` (log.csv + TensorBoard, one row per epoch even across kills and resumes)
+- several processes: `train.distributed` (torchrun, DistributedDataParallel; rank 0 alone writes)
 
 With an epoch budget and no time cap, a run resumed with ``--resume --set train.epochs=N`` ends with
 the same weights as an uninterrupted N-epoch run. Under a time cap the learning rate follows the
 elapsed time, so runs are not reproducible to the bit (see the README).
+
+Under torchrun every rank keeps its own random stream (the gradient penalty's interpolation), saved
+per rank in ``last.pt``; resumed on as many processes, each rank continues its own stream. Distributed
+runs are not promised to be bit-exact (gradient all-reduce order may vary with more than two ranks or
+NCCL); only the single-process resume is.
 """
 
 from __future__ import annotations
@@ -28,13 +34,14 @@ from ..data.dataset import make_loader
 from ..data.splits import write_splits
 from ..errors import SpinesegError
 from ..io.atomic import atomic_write_text, remove_stale_temporaries
-from ..models.checkpoint import load_checkpoint, model_from_config, pick_device, save_checkpoint
+from ..models.checkpoint import load_checkpoint, model_from_config, save_checkpoint
 from ..models.critic import Critic
 from ..overlap import dice_per_structure
 from ..preprocess.pipeline import PreprocessCache, PreprocessConfig
 from ..progress import progress as progress_bar
 from .config import EXTENDABLE, config_differences, describe_value, resolve_config, validate_config
 from .data import dataset_fingerprint, load_training_data, resolve_splits, training_cases
+from .distributed import current as current_ranks, rank_seed
 from .losses import SegLoss
 from .runlog import RunLog
 from .state import capture_rng, restore_rng, seed_everything
@@ -42,15 +49,20 @@ from .steps import Adversary, GeneratorStep
 
 
 @torch.no_grad()
-def validate(model, loader, device) -> np.ndarray:
-    """Mean Dice per structure over the validation slices (the one Dice of `spineseg.overlap`)."""
+def validation_dice(model, loader, device) -> np.ndarray:
+    """Dice per structure of each validation slice, (slices, structures) (the one Dice of `spineseg.overlap`)."""
     model.eval()
-    rows = []
+    rows = [np.zeros((0, NUM_CLASSES - 1))]
     for batch in loader:
         logits = model(batch["image"].to(device))
         rows.append(dice_per_structure(logits.argmax(1).cpu().numpy(), batch["label"].numpy(), NUM_CLASSES))
     model.train()
-    return np.nanmean(np.concatenate(rows), axis=0) if rows else np.full(NUM_CLASSES - 1, np.nan)
+    return np.concatenate(rows)
+
+
+def mean_dice(rows: np.ndarray) -> np.ndarray:
+    """Mean Dice per structure over validation slices; NaN where no slice has a value."""
+    return np.nanmean(rows, axis=0) if len(rows) else np.full(NUM_CLASSES - 1, np.nan)
 
 
 def lr_factor(cfg_train: dict, epoch: int, elapsed: float) -> float:
@@ -77,13 +89,15 @@ class Trainer:
                  progress: bool = True, splits_file: str | Path | None = None, sets: dict | None = None,
                  case_is_patient: bool = False):
         self.out = Path(out)
-        self.progress = progress
+        self.ranks = current_ranks()  # several processes under torchrun (see `train.distributed`)
+        self.progress = progress and self.ranks.is_main
         self.finished_before = False
         ck = None
         if resume:
             if not (self.out / "last.pt").exists():
                 raise SpinesegError("--resume given but the run has no last.pt", self.out)
-            remove_stale_temporaries(self.out)
+            if self.ranks.is_main:
+                remove_stale_temporaries(self.out)
             ck = load_checkpoint(self.out / "last.pt")
             self.cfg = self._resume_config(ck, data, model, config, fold, split, seed, overrides, sets, splits_file,
                                            case_is_patient)
@@ -97,7 +111,7 @@ class Trainer:
         run = self.cfg["run"]
         seed_everything(run["seed"])
         tc = self.cfg["train"]
-        self.device = pick_device(device)
+        self.device = self.ranks.device(device)
         if self.device.type == "cpu" and tc.get("threads"):
             torch.set_num_threads(int(tc["threads"]))
         self.pp = PreprocessConfig(**self.cfg["preprocess"])
@@ -110,9 +124,11 @@ class Trainer:
                                 data or run["data"])
         run["data_fingerprint"] = fingerprint
         splits = resolve_splits(cases, run["split"], self.out / "splits.json", run.get("splits_file"))
-        self.data = load_training_data(cases, splits, run["fold"], self.pp, PreprocessCache(cache), progress)
+        self.data = load_training_data(cases, splits, run["fold"], self.pp, PreprocessCache(cache), self.progress)
 
         self.model = model_from_config(self.cfg).to(self.device)
+        size = self.pp.target_size
+        image = torch.zeros(2, 1, size, size, device=self.device)  # what the networks see, to wrap them for DDP
         self.opt = torch.optim.Adam(self.model.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]),
                                     weight_decay=tc["weight_decay"])
         self.use_amp = bool(tc["amp"]) and self.device.type == "cuda"
@@ -122,12 +138,13 @@ class Trainer:
         if tc["adversarial"] != "none":
             self.critic = Critic(1 + NUM_CLASSES, **self.cfg["critic"]).to(self.device)
             self.opt_d = torch.optim.Adam(self.critic.parameters(), lr=tc["lr_critic"], betas=tuple(tc["betas"]))
-            adversary = Adversary(self.critic, self.opt_d, tc["adversarial"], tc["n_critic"], tc["gp_lambda"],
+            critic = self.ranks.wrap(self.critic, image, torch.zeros(2, NUM_CLASSES, size, size, device=self.device))
+            adversary = Adversary(critic, self.opt_d, tc["adversarial"], tc["n_critic"], tc["gp_lambda"],
                                   tc["clip"], tc["alpha"])
-        self.step = GeneratorStep(self.model, self.opt, SegLoss(tc["beta"], tc["gamma"]), self.scaler, self.device,
-                                  self.use_amp, adversary)
+        self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, SegLoss(tc["beta"], tc["gamma"]),
+                                  self.scaler, self.device, self.use_amp, adversary)
         self.epoch, self.best, self.elapsed = 0, -1.0, 0.0
-        self.rng = None
+        self.rng = self.rng_ranks = None
         self.pending_row = None
         if ck is not None:
             self._load_state(ck)
@@ -178,8 +195,8 @@ class Trainer:
         requested["run"] = run
         return requested
 
-    def _state(self, log_row: dict | None) -> dict:
-        return {
+    def _state(self, log_row: dict | None, rng_ranks: list[dict] | None = None) -> dict:
+        state = {
             "model": self.model.state_dict(), "opt": self.opt.state_dict(),
             "critic": self.critic.state_dict() if self.critic is not None else None,
             "opt_d": self.opt_d.state_dict() if self.opt_d is not None else None,
@@ -188,6 +205,9 @@ class Trainer:
             "preprocess": self.pp.to_dict(), "version": __version__, "model_name": self.cfg["model"]["name"],
             "log_row": log_row,
         }
+        if rng_ranks is not None:  # every rank's stream, so that a resume on as many processes continues each
+            state["rng_ranks"] = rng_ranks
+        return state
 
     def _load_state(self, ck: dict) -> None:
         self.model.load_state_dict(ck["model"])
@@ -198,7 +218,7 @@ class Trainer:
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         self.epoch, self.best, self.elapsed = int(ck["epoch"]), float(ck["best"]), float(ck.get("elapsed", 0.0))
-        self.rng = ck.get("rng")
+        self.rng, self.rng_ranks = ck.get("rng"), ck.get("rng_ranks")
         self.pending_row = ck.get("log_row")
         self.finished_before = self.epoch >= self.cfg["train"]["epochs"]
 
@@ -212,13 +232,33 @@ class Trainer:
                 g["lr"] = tc["lr_critic"] * factor
         return tc["lr"] * factor
 
-    def _train_epoch(self, lr: float) -> dict:
-        tc = self.cfg["train"]
-        loader = make_loader(self.data.train, tc["batch_size"], True, self.augment, seed=self.cfg["run"]["seed"] + self.epoch,
-                             num_workers=tc["num_workers"])
-        loader.dataset.epoch = self.epoch
+    def _restore_rng(self) -> bool:
+        """Continue the random streams where the checkpoint left them, each rank its own; False where they
+        start afresh instead (a new run, or a checkpoint written by another number of processes)."""
+        ranks = self.ranks
+        if self.rng_ranks is not None and len(self.rng_ranks) == ranks.world_size:
+            restore_rng(self.rng_ranks[ranks.rank])
+            return True
+        if not ranks.distributed:
+            if self.rng is not None:
+                restore_rng(self.rng)
+            return self.rng is not None
+        # the networks are built alike on every rank (same seed); what follows must differ between ranks
+        seed_everything(rank_seed(self.cfg["run"]["seed"], ranks.rank, self.epoch))
+        return False
+
+    def _train_epoch(self, lr: float) -> tuple[dict, list]:
+        """One pass over this rank's training slices: the log row (losses averaged over every step of every
+        rank) and the (case, slice index) of each slice this rank drew."""
+        tc, ranks = self.cfg["train"], self.ranks
+        shard = (ranks.rank, ranks.world_size) if ranks.distributed else None
+        # one process reseeds its shuffle every epoch; a DistributedSampler derives it from (seed, epoch) itself
+        seed = self.cfg["run"]["seed"] + (0 if shard else self.epoch)
+        loader = make_loader(self.data.train, tc["batch_size"], True, self.augment, seed=seed,
+                             num_workers=tc["num_workers"], epoch=self.epoch, shard=shard)
         adversarial = self.step.adversary is not None and self.epoch >= tc["adv_start_epoch"]
         sums: dict[str, float] = {}
+        drawn: list[tuple[str, int]] = []
         bar = progress_bar(loader, desc=f"epoch {self.epoch + 1}/{tc['epochs']}", leave=False,
                            disable=not self.progress, log_lines=False)
         n = 0
@@ -227,50 +267,103 @@ class Trainer:
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
+            drawn.extend(zip(batch["case"], batch["index"].tolist()))
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
-        return {k: v / max(n, 1) for k, v in sums.items()} | {"lr": lr}
+        per_rank = ranks.gather((sums, n))
+        steps = sum(count for _, count in per_rank)
+        return {k: sum(rank_sums[k] for rank_sums, _ in per_rank) / max(steps, 1) for k in sums} | {"lr": lr}, drawn
+
+    def _validate(self, loader) -> np.ndarray:
+        """Mean Dice per structure over the validation slices: each rank scores its part, every rank gets the
+        whole (the plain network, not its DDP wrapper, which would wait for the other ranks' batches)."""
+        return mean_dice(np.concatenate(self.ranks.gather(validation_dice(self.model, loader, self.device))))
+
+    def _processes(self, rng_continued: bool) -> dict:
+        """What this distributed session is: processes, backend, batch per rank and in all, learning rates."""
+        tc, ranks = self.cfg["train"], self.ranks
+        return {"world_size": ranks.world_size, "backend": ranks.backend, "device": self.device.type,
+                "batch_per_rank": tc["batch_size"], "effective_batch": tc["batch_size"] * ranks.world_size,
+                "lr": tc["lr"], "lr_critic": tc["lr_critic"] if self.critic is not None else None,
+                "lr_scaled_with_world_size": False, "from_epoch": self.epoch,
+                "random_streams": "continued per rank" if rng_continued else "new per rank"}
+
+    def _announce(self, session: dict, resumed: bool) -> None:
+        line = (f"distributed: {session['world_size']} processes ({session['backend']}, {session['device']}), batch "
+                f"{session['batch_per_rank']} per process = effective batch {session['effective_batch']}; lr "
+                f"{session['lr']:g}" + (f", critic lr {session['lr_critic']:g}" if session["lr_critic"] else "")
+                + " (not scaled with the number of processes)")
+        if resumed and session["random_streams"] != "continued per rank":
+            line += "; resumed from a checkpoint of another number of processes: new random streams, not bit-exact"
+        print(line, flush=True)
+
+    def _write_sessions(self, sessions: list[dict]) -> None:
+        atomic_write_text(self.out / "distributed.json", json.dumps({"sessions": sessions}, indent=1) + "\n")
 
     def fit(self) -> dict:
-        tc = self.cfg["train"]
+        tc, ranks = self.cfg["train"], self.ranks
         if self.finished_before:
-            print(f"{self.out}: this run already finished its {self.epoch} epochs; nothing to do "
-                  f"(extend it with --resume --set train.epochs=N)", flush=True)
+            if ranks.is_main:
+                print(f"{self.out}: this run already finished its {self.epoch} epochs; nothing to do "
+                      f"(extend it with --resume --set train.epochs=N)", flush=True)
             return {"epochs": self.epoch, "best_val_dice_mean": self.best, "seconds": self.elapsed, "finished_before": True}
-        self.out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.out)
-        if not (self.out / "splits.json").exists():
-            write_splits(self.out / "splits.json", self.data.splits)
-        atomic_write_text(self.out / "config.json", json.dumps(self.cfg, indent=1) + "\n")
-        log = RunLog(self.out, self.epoch, self.pending_row)
-        val_loader = make_loader(self.data.val, tc["batch_size"], False)
+        log = None
+        if ranks.is_main:  # rank 0 alone writes the run folder
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out)
+            if not (self.out / "splits.json").exists():
+                write_splits(self.out / "splits.json", self.data.splits)
+            atomic_write_text(self.out / "config.json", json.dumps(self.cfg, indent=1) + "\n")
+            log = RunLog(self.out, self.epoch, self.pending_row)
+        resumed = self.rng is not None
+        rng_continued = self._restore_rng()
+        sessions = []
+        if ranks.distributed and ranks.is_main:
+            past = self.out / "distributed.json"
+            sessions = (json.loads(past.read_text())["sessions"] if past.exists() else []) + [
+                self._processes(rng_continued)]
+            self._announce(sessions[-1], resumed)
+            self._write_sessions(sessions)
+        val_part = ranks.shard(self.data.val)
+        val_loader = make_loader(val_part, tc["batch_size"], False) if val_part else ()
         cap = (tc.get("max_minutes") or 0) * 60
         t_start = time.perf_counter() - self.elapsed
-        if self.rng is not None:
-            restore_rng(self.rng)
+        first_epoch = self.epoch
         try:
             while self.epoch < tc["epochs"]:
-                elapsed = time.perf_counter() - t_start
+                # rank 0's clock for every rank: the same learning rate, and the same epoch to stop at
+                elapsed = ranks.broadcast(time.perf_counter() - t_start)
                 if cap and elapsed >= cap:
                     break
-                row = self._train_epoch(self._set_lr(lr_factor(tc, self.epoch, elapsed)))
+                row, drawn = self._train_epoch(self._set_lr(lr_factor(tc, self.epoch, elapsed)))
                 self.epoch += 1
-                val = validate(self.model, val_loader, self.device)
+                val = self._validate(val_loader)
                 mean = float(np.nanmean(val))
                 self.elapsed = time.perf_counter() - t_start
                 row.update({"epoch": self.epoch, "seconds": round(self.elapsed, 1), "val_dice_mean": mean,
                             **{f"val_dice_{s}": float(v) for s, v in zip(STRUCTURES, val)}})
+                rng_ranks = ranks.gather(capture_rng()) if ranks.distributed else None
+                if ranks.distributed and self.epoch == first_epoch + 1:  # evidence of who trained on what
+                    drawn_by_rank = ranks.gather(drawn)
+                    if ranks.is_main:
+                        sessions[-1]["first_epoch"] = {"epoch": self.epoch, "slices_by_rank": drawn_by_rank}
+                        self._write_sessions(sessions)
                 if mean > self.best:
                     self.best = mean
-                    save_checkpoint(self.out / "best.pt", self._state(row))
-                save_checkpoint(self.out / "last.pt", self._state(row))
+                    if ranks.is_main:
+                        save_checkpoint(self.out / "best.pt", self._state(row, rng_ranks))
+                if not ranks.is_main:
+                    continue
+                save_checkpoint(self.out / "last.pt", self._state(row, rng_ranks))
                 log.write(row)  # only once this epoch's checkpoint is safely on disk
                 if self.progress:
                     print(f"epoch {self.epoch}: loss {row.get('loss_g', math.nan):.4f}  val Dice "
                           + " / ".join(f"{v:.3f}" for v in val) + f"  ({self.elapsed:.0f} s)", flush=True)
         finally:
-            log.close()
-        if not (self.out / "best.pt").exists():  # e.g. a zero budget: still leave a usable model
+            if log is not None:
+                log.close()
+        if ranks.is_main and not (self.out / "best.pt").exists():  # e.g. a zero budget: still a usable model
             save_checkpoint(self.out / "best.pt", self._state(None))
+        ranks.barrier()  # when fit returns, the run folder is complete for every rank
         return {"epochs": self.epoch, "best_val_dice_mean": self.best, "seconds": self.elapsed}
 
 

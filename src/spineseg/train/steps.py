@@ -41,8 +41,8 @@ class Adversary:
         """The generator's adversarial loss (L_WG = -E[D(G(I))] or BCE), with the critic's parameters frozen."""
         for p in self.critic.parameters():
             p.requires_grad_(False)
-        try:
-            return generator_adv_loss(self.objective, self.critic, image, fake_probs)
+        try:  # past a DDP wrapper, which would wait for the critic gradients this pass never makes
+            return generator_adv_loss(self.objective, getattr(self.critic, "module", self.critic), image, fake_probs)
         finally:
             for p in self.critic.parameters():
                 p.requires_grad_(True)
