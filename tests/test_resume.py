@@ -183,3 +183,37 @@ def test_set_reaches_the_stored_config(small_phantom, tmp_path):
     cfg = load_checkpoint(tmp_path / "r" / "last.pt")["config"]
     assert cfg["model"]["base"] == 4 and cfg["train"]["epochs"] == 1 and cfg["train"]["batch_size"] == 8
 
+
+
+def test_unlabeled_images_add_a_domain_critic_and_resume_exactly(small_phantom, tmp_path):
+    unlabeled = [small_phantom / "imagesTr"]  # stands in for unlabelled real slices
+
+    def run(out, epochs, resume=False, weight=0.5):
+        sets = {"train": {"epochs": epochs, "domain_weight": weight}}
+        if resume:
+            t = Trainer(None, None, out, resume=True, sets={"train": {"epochs": epochs}}, progress=False,
+                        cache=tmp_path / "cache")
+        else:
+            t = Trainer(small_phantom, "unet", out, overrides=TINY, sets=sets, progress=False, cache=tmp_path / "cache",
+                        unlabeled=unlabeled)
+        t.fit()
+        return t
+
+    t = run(tmp_path / "once", 2)
+    assert len(t.unlabeled) == 16 and t.domain_critic is not None
+    with open(tmp_path / "once" / "log.csv", newline="") as fh:
+        assert all(r["loss_domain"] and r["loss_domain_d"] for r in csv.DictReader(fh))
+    run(tmp_path / "twice", 1)
+    run(tmp_path / "twice", 2, resume=True)
+    ca, cb = load_checkpoint(tmp_path / "once" / "last.pt"), load_checkpoint(tmp_path / "twice" / "last.pt")
+    for part in ("model", "domain_critic"):
+        assert max(float((ca[part][k] - cb[part][k]).abs().max()) for k in ca[part]) <= 1e-6
+    # the domain term changes what is learnt
+    plain = Trainer(small_phantom, "unet", tmp_path / "plain", overrides=TINY, sets={"train": {"epochs": 2}},
+                    progress=False, cache=tmp_path / "cache")
+    plain.fit()
+    cp = load_checkpoint(tmp_path / "plain" / "last.pt")
+    assert max(float((ca["model"][k] - cp["model"][k]).abs().max()) for k in ca["model"]) > 1e-4
+    with pytest.raises(SpinesegError, match="domain_weight is 0"):
+        Trainer(small_phantom, "unet", tmp_path / "zero", overrides=TINY, sets={"train": {"domain_weight": 0.0}},
+                progress=False, cache=tmp_path / "cache", unlabeled=unlabeled)

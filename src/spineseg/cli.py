@@ -88,7 +88,8 @@ def cmd_train(a) -> int:
     with session(a.device) as ranks:  # under torchrun: one process group for the whole command
         res = train(data=a.data, model=a.model, out=a.out, config=a.config, fold=a.fold, split=a.split,
                     resume=a.resume, seed=a.seed, device=a.device, cache=a.cache, splits_file=a.splits,
-                    progress=not a.quiet, sets=sets, case_is_patient=a.case_is_patient)
+                    progress=not a.quiet, sets=sets, case_is_patient=a.case_is_patient,
+                    unlabeled=a.unlabeled, unlabeled_spacing=a.unlabeled_spacing)
     if ranks.is_main:
         print(json.dumps(res))
         print(f"checkpoints: {Path(a.out) / 'best.pt'} (best validation Dice), {Path(a.out) / 'last.pt'}")
@@ -277,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--splits", help="use this splits.json instead of computing one (checked for patient leakage)")
     s.add_argument("--case-is-patient", action="store_true",
                    help="the data set has no cases.csv and every case is its own patient")
+    s.add_argument("--unlabeled", nargs="+", metavar="PATH",
+                   help="unlabelled real images (files, DICOM folders or folders of them) for output-space domain "
+                   "adaptation: a label-map critic makes predictions on them look like those on the training data "
+                   "(weight train.domain_weight)")
+    s.add_argument("--unlabeled-spacing", type=float, default=None,
+                   help="pixel spacing (mm) of unlabelled PNG / TIFF images")
     s.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, tb/)")
     s.add_argument("--resume", action="store_true", help="continue OUT/last.pt; only train.epochs and "
                    "train.max_minutes may change (through --set)")

@@ -66,8 +66,8 @@ class TrainOptions(_Section):
     gp_lambda: float = Field(10.0, ge=0)
     clip: float = Field(0.01, gt=0)
     # output-space domain adaptation with unlabelled real slices (`train --unlabeled`): a label-map critic
-    # tells the generator's softmax on real slices from its softmax on phantom slices; 0 turns it off
-    domain_weight: float = Field(0.0, ge=0)
+    # tells the generator's softmax on real slices from its softmax on phantom slices
+    domain_weight: float = Field(0.01, ge=0)  # only with unlabelled images (`train --unlabeled`)
     domain_objective: Literal["bce", "wgan-gp"] = "bce"
     domain_batch_size: int = Field(4, ge=1)
     domain_start_epoch: int = Field(0, ge=0)

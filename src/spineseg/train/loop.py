@@ -40,12 +40,13 @@ from ..overlap import dice_per_structure
 from ..preprocess.pipeline import PreprocessCache, PreprocessConfig
 from ..progress import progress as progress_bar
 from .config import EXTENDABLE, config_differences, describe_value, resolve_config, validate_config
-from .data import dataset_fingerprint, load_training_data, resolve_splits, training_cases
+from .data import (dataset_fingerprint, load_training_data, load_unlabeled, resolve_splits, training_cases,
+                   unlabeled_cases)
 from .distributed import current as current_ranks, rank_seed
 from .losses import SegLoss
 from .runlog import RunLog
 from .state import capture_rng, restore_rng, seed_everything
-from .steps import Adversary, GeneratorStep
+from .steps import Adversary, DomainAdversary, GeneratorStep
 
 
 @torch.no_grad()
@@ -87,7 +88,7 @@ class Trainer:
                  fold: int | None = None, split: str | None = None, resume: bool = False, seed: int | None = None,
                  device: str = "auto", cache: str | Path | None = None, overrides: dict | None = None,
                  progress: bool = True, splits_file: str | Path | None = None, sets: dict | None = None,
-                 case_is_patient: bool = False):
+                 case_is_patient: bool = False, unlabeled: list | None = None, unlabeled_spacing: float | None = None):
         self.out = Path(out)
         self.ranks = current_ranks()  # several processes under torchrun (see `train.distributed`)
         self.progress = progress and self.ranks.is_main
@@ -101,6 +102,9 @@ class Trainer:
             ck = load_checkpoint(self.out / "last.pt")
             self.cfg = self._resume_config(ck, data, model, config, fold, split, seed, overrides, sets, splits_file,
                                            case_is_patient)
+            if unlabeled:  # the same unlabelled images, possibly moved: checked by content below
+                self.cfg["run"].update(unlabeled=[str(Path(u).resolve()) for u in unlabeled],
+                                       unlabeled_spacing=unlabeled_spacing)
         else:
             if (self.out / "last.pt").exists():
                 raise SpinesegError("run folder already holds a training run (use --resume or another --out)", self.out)
@@ -108,6 +112,8 @@ class Trainer:
                 raise SpinesegError("a new training run needs --data and --model")
             self.cfg = resolve_config(model, config, overrides, sets)  # validated before anything else happens
             self.cfg["run"] = _run_options(data, fold, split, seed, case_is_patient, splits_file)
+            self.cfg["run"].update(unlabeled=[str(Path(u).resolve()) for u in unlabeled or []],
+                                   unlabeled_spacing=unlabeled_spacing)
         run = self.cfg["run"]
         seed_everything(run["seed"])
         tc = self.cfg["train"]
@@ -125,6 +131,7 @@ class Trainer:
         run["data_fingerprint"] = fingerprint
         splits = resolve_splits(cases, run["split"], self.out / "splits.json", run.get("splits_file"))
         self.data = load_training_data(cases, splits, run["fold"], self.pp, PreprocessCache(cache), self.progress)
+        self.unlabeled = self._load_unlabeled(run, resume, PreprocessCache(cache))
 
         self.model = model_from_config(self.cfg).to(self.device)
         size = self.pp.target_size
@@ -141,13 +148,36 @@ class Trainer:
             critic = self.ranks.wrap(self.critic, image, torch.zeros(2, NUM_CLASSES, size, size, device=self.device))
             adversary = Adversary(critic, self.opt_d, tc["adversarial"], tc["n_critic"], tc["gp_lambda"],
                                   tc["clip"], tc["alpha"])
+        self.domain_critic = self.opt_domain = None
+        domain = None
+        if self.unlabeled:
+            maps = torch.zeros(2, NUM_CLASSES, size, size, device=self.device)
+            self.domain_critic = Critic(NUM_CLASSES, **self.cfg["critic"]).to(self.device)
+            self.opt_domain = torch.optim.Adam(self.domain_critic.parameters(), lr=tc["lr_critic"],
+                                               betas=tuple(tc["betas"]))
+            domain = DomainAdversary(self.ranks.wrap(self.domain_critic, None, maps), self.opt_domain,
+                                     tc["domain_objective"], tc["domain_weight"], tc["gp_lambda"])
         self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, SegLoss(tc["beta"], tc["gamma"]),
-                                  self.scaler, self.device, self.use_amp, adversary)
+                                  self.scaler, self.device, self.use_amp, adversary, domain)
         self.epoch, self.best, self.elapsed = 0, -1.0, 0.0
         self.rng = self.rng_ranks = None
         self.pending_row = None
         if ck is not None:
             self._load_state(ck)
+
+    def _load_unlabeled(self, run: dict, resume: bool, cache: PreprocessCache) -> list:
+        """Preprocessed unlabelled real slices for domain adaptation ([] when the run has none)."""
+        if not run.get("unlabeled"):
+            return []
+        if not self.cfg["train"]["domain_weight"]:
+            raise SpinesegError("--unlabeled images are given but train.domain_weight is 0, so they would be ignored")
+        cases = unlabeled_cases(run["unlabeled"])
+        fingerprint = dataset_fingerprint(cases)
+        if resume and run.get("unlabeled_fingerprint") and fingerprint != run["unlabeled_fingerprint"]:
+            raise SpinesegError("--unlabeled differs in content from the images this run was trained with; "
+                                "refusing to resume", run["unlabeled"][0])
+        run["unlabeled_fingerprint"] = fingerprint
+        return load_unlabeled(cases, run.get("unlabeled_spacing"), self.pp, cache, self.progress)
 
     # the split actually trained on (kept as attributes for callers)
     @property
@@ -200,6 +230,8 @@ class Trainer:
             "model": self.model.state_dict(), "opt": self.opt.state_dict(),
             "critic": self.critic.state_dict() if self.critic is not None else None,
             "opt_d": self.opt_d.state_dict() if self.opt_d is not None else None,
+            "domain_critic": self.domain_critic.state_dict() if self.domain_critic is not None else None,
+            "opt_domain": self.opt_domain.state_dict() if self.opt_domain is not None else None,
             "scaler": self.scaler.state_dict(), "rng": capture_rng(),
             "epoch": self.epoch, "best": self.best, "elapsed": self.elapsed, "config": self.cfg,
             "preprocess": self.pp.to_dict(), "version": __version__, "model_name": self.cfg["model"]["name"],
@@ -215,6 +247,9 @@ class Trainer:
         if self.critic is not None and ck.get("critic") is not None:
             self.critic.load_state_dict(ck["critic"])
             self.opt_d.load_state_dict(ck["opt_d"])
+        if self.domain_critic is not None and ck.get("domain_critic") is not None:
+            self.domain_critic.load_state_dict(ck["domain_critic"])
+            self.opt_domain.load_state_dict(ck["opt_domain"])
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         self.epoch, self.best, self.elapsed = int(ck["epoch"]), float(ck["best"]), float(ck.get("elapsed", 0.0))
@@ -227,8 +262,8 @@ class Trainer:
         tc = self.cfg["train"]
         for g in self.opt.param_groups:
             g["lr"] = tc["lr"] * factor
-        if self.opt_d is not None:  # the critic follows the generator's schedule
-            for g in self.opt_d.param_groups:
+        for opt in (self.opt_d, self.opt_domain):  # the critics follow the generator's schedule
+            for g in (opt.param_groups if opt is not None else []):
                 g["lr"] = tc["lr_critic"] * factor
         return tc["lr"] * factor
 
@@ -257,13 +292,16 @@ class Trainer:
         loader = make_loader(self.data.train, tc["batch_size"], True, self.augment, seed=seed,
                              num_workers=tc["num_workers"], epoch=self.epoch, shard=shard)
         adversarial = self.step.adversary is not None and self.epoch >= tc["adv_start_epoch"]
+        unlabeled = self._unlabeled_batches(seed, shard) if self.unlabeled and self.epoch >= tc["domain_start_epoch"] \
+            else None
         sums: dict[str, float] = {}
         drawn: list[tuple[str, int]] = []
         bar = progress_bar(loader, desc=f"epoch {self.epoch + 1}/{tc['epochs']}", leave=False,
                            disable=not self.progress, log_lines=False)
         n = 0
         for batch in bar:
-            logs = self.step(batch["image"].to(self.device), batch["label"].to(self.device), adversarial)
+            real = next(unlabeled)["image"].to(self.device) if unlabeled is not None else None
+            logs = self.step(batch["image"].to(self.device), batch["label"].to(self.device), adversarial, real)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
@@ -272,6 +310,15 @@ class Trainer:
         per_rank = ranks.gather((sums, n))
         steps = sum(count for _, count in per_rank)
         return {k: sum(rank_sums[k] for rank_sums, _ in per_rank) / max(steps, 1) for k in sums} | {"lr": lr}, drawn
+
+    def _unlabeled_batches(self, seed: int, shard):
+        """Endless augmented batches of this rank's unlabelled slices, reshuffled on every pass."""
+        tc = self.cfg["train"]
+        passes = 0
+        while True:
+            yield from make_loader(self.unlabeled, tc["domain_batch_size"], True, self.augment,
+                                   seed=seed + 7919 * passes, epoch=self.epoch, shard=shard)
+            passes += 1
 
     def _validate(self, loader) -> np.ndarray:
         """Mean Dice per structure over the validation slices: each rank scores its part, every rank gets the

@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import STRUCTURES
 from ..io.atomic import atomic_write_text
 
-FIELDS = (["epoch", "seconds", "lr", "loss_g", "loss_seg", "loss_adv", "loss_d"]
+FIELDS = (["epoch", "seconds", "lr", "loss_g", "loss_seg", "loss_adv", "loss_d", "loss_domain", "loss_domain_d"]
           + [f"val_dice_{s}" for s in STRUCTURES] + ["val_dice_mean"])
 
 
