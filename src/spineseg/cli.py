@@ -154,7 +154,8 @@ def cmd_experiment(a) -> int:
     with session():  # under torchrun: every rank trains each model; rank 0 alone predicts, evaluates, compares
         run_experiment(a.data, models, a.out, split=a.split, folds=folds, budget_minutes=a.budget_minutes,
                        epochs=a.epochs, config=a.config, seed=a.seed, reference=a.reference, progress=not a.quiet,
-                       argv=sys.argv[1:], postprocess=a.postprocess, sets=sets, case_is_patient=a.case_is_patient)
+                       argv=sys.argv[1:], postprocess=a.postprocess, sets=sets, case_is_patient=a.case_is_patient,
+                       nnunet_epochs=a.nnunet_epochs)
     return 0
 
 
@@ -335,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("experiment", help="train, predict, evaluate several models on one split, then compare")
     s.add_argument("--data", required=True)
-    s.add_argument("--models", required=True, help="comma-separated registry names")
+    s.add_argument("--models", required=True, help="comma-separated registry names, and nnunet for nnU-Net v2 2D "
+                   "trained through its own command lines")
     s.add_argument("--split", choices=["kfold", "paper"], default="kfold")
     s.add_argument("--folds", default="0", help="comma-separated fold indices")
     budget = s.add_mutually_exclusive_group(required=True)
@@ -346,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config value for every model, dotted key (repeatable)")
     s.add_argument("--case-is-patient", action="store_true",
                    help="the data set has no cases.csv and every case is its own patient")
+    s.add_argument("--nnunet-epochs", type=int, default=None,
+                   help="length of the nnunet row (nnUNetTrainer_<N>epochs); default: the longest that fits the budget")
     s.add_argument("--reference", help="row the p-values refer to (default: spineseg if present, else the last)")
     s.add_argument("--postprocess", choices=["largest", "none"], default="largest",
                    help="keep the largest connected region of each structure (default) or nothing")

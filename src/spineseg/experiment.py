@@ -38,14 +38,21 @@ def _log(msg: str) -> None:
 def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,), budget_minutes: float | None = None,
                    epochs: int | None = None, config: str = "cpu-quick", seed: int = 0, reference: str | None = None,
                    progress: bool = True, argv: list[str] | None = None, postprocess: str = "largest",
-                   sets: dict | None = None, case_is_patient: bool = False) -> Path:
+                   sets: dict | None = None, case_is_patient: bool = False, nnunet_epochs: int | None = None) -> Path:
+    from .nnunet_row import EPOCH_VARIANTS, INSTALL_HINT, NNUNET, nnunet_installed
     from .train.config import resolve_config
     from .train.data import training_cases
     from .train.loop import Trainer
 
-    unknown = [m for m in models if m not in model_names()]
+    unknown = [m for m in models if m not in model_names() and m != NNUNET]
     if unknown:
-        raise SpinesegError(f"unknown models {unknown}; choose from {', '.join(model_names())}")
+        raise SpinesegError(f"unknown models {unknown}; choose from {', '.join(model_names() + [NNUNET])}")
+    if NNUNET in models and not nnunet_installed():
+        raise SpinesegError(f"the {NNUNET} row needs nnU-Net: {INSTALL_HINT}")
+    if nnunet_epochs is not None and nnunet_epochs not in EPOCH_VARIANTS:
+        raise SpinesegError(f"nnU-Net trains in fixed lengths: --nnunet-epochs must be one of {EPOCH_VARIANTS}")
+    # nnU-Net last: without a minute budget it gets the mean training time the other rows took
+    models = [m for m in models if m != NNUNET] + ([NNUNET] if NNUNET in models else [])
     if budget_minutes is None and epochs is None:
         raise SpinesegError("give --budget-minutes or --epochs (an equal budget for every model)")
     overrides = {"train": {}}
@@ -54,7 +61,8 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
     else:  # the learning rate decays over exactly the epoch budget
         overrides["train"].update(epochs=int(epochs), max_minutes=None, schedule_epochs=int(epochs))
     for m in models:  # every config error surfaces before anything is written
-        resolve_config(m, config, overrides, sets)
+        if m != NNUNET:
+            resolve_config(m, config, overrides, sets)
     out = Path(out)
     ranks = current_ranks()
     cases = training_cases(data, case_is_patient)
@@ -87,6 +95,14 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
         for m in models:
             run = out / "runs" / m / f"fold{k}"
             done = run / "done.json"
+            if m == NNUNET:
+                if ranks.is_main:
+                    _nnunet_row(run, k, data, splits, test_ids, budget_minutes, nnunet_epochs, out, models, postprocess)
+                eval_dirs[m].append(run / "eval")
+                if ranks.is_main:
+                    _predict_and_evaluate(m, k, run, test_ids, by_id, data, postprocess)
+                ranks.barrier()
+                continue
             if not done.exists():
                 t0 = time.perf_counter()
                 if (run / "last.pt").exists():
@@ -109,6 +125,41 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
     if ranks.is_main:
         _compare(out, models, folds, eval_dirs, reference, splits, by_id)
     return out
+
+
+def _nnunet_row(run: Path, k: int, data, splits, test_ids, budget_minutes, nnunet_epochs, out: Path, models,
+                postprocess: str) -> None:
+    """Train and apply nnU-Net 2D through its own command lines (see `spineseg.nnunet_row`); ``RUN/pred`` after."""
+    import torch
+
+    from .infer.predict import postprocess_labels
+    from .io.images import read_label, write_labels_like
+    from .nnunet_row import NnunetRow
+
+    if (run / "done.json").exists():
+        return
+    t0 = time.perf_counter()
+    budget = budget_minutes
+    if budget is None and nnunet_epochs is None:  # the mean training time of the other rows of this fold
+        walls = [json.loads((out / "runs" / m / f"fold{k}" / "done.json").read_text())["wall_seconds"]
+                 for m in models if m != "nnunet"]
+        if not walls:
+            raise SpinesegError("with --epochs, the nnunet row needs other rows to match their time, or --nnunet-epochs")
+        budget = float(np.mean(walls)) / 60
+    _log(f"[nnunet fold {k}] nnU-Net v2 2D through its own command lines"
+         + (f" (budget {budget:.1f} min)" if nnunet_epochs is None else f" ({nnunet_epochs} epochs)"))
+    row = NnunetRow(run, device="cuda" if torch.cuda.is_available() else "cpu")
+    row.prepare(data, splits)
+    info = row.train_within(k, None if nnunet_epochs is not None else budget, nnunet_epochs)
+    pred = row.predict(k, info["epochs"], test_ids)
+    row.keep_logs(k, info["epochs"])
+    if postprocess != "none":  # the same post-processing as every other row
+        for f in sorted(pred.glob("*.nii.gz")):
+            lab = read_label(f)
+            cleaned = np.stack([postprocess_labels(s, postprocess, lab.spacing) for s in lab.data])
+            write_labels_like(f, cleaned, lab)
+    atomic_write_text(run / "done.json", json.dumps({**info, "wall_seconds": time.perf_counter() - t0,
+                                                     "budget_minutes": budget}, indent=1) + "\n")
 
 
 def _predict_and_evaluate(m: str, k: int, run: Path, test_ids, by_id, data, postprocess: str) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from .errors import SpinesegError
 from .io.atomic import atomic_write_text
 
+NNUNET = "nnunet"  # the row's name in `spineseg experiment --models`
 EPOCH_VARIANTS = (1, 5, 10, 20, 50, 100, 250, 500, 750, 2000, 4000, 8000)
 DATASET_NAME = "SpinesegComparison"
 KEEP = ("plans.json", "dataset.json", "dataset_fingerprint.json", "debug.json", "progress.png")
