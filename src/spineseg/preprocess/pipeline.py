@@ -89,18 +89,24 @@ def clahe(img01: np.ndarray, clip: float) -> np.ndarray:
     return equalize_adapthist(np.clip(img01, 0, 1), clip_limit=clip)
 
 
-def roi_box(img01: np.ndarray, spacing: tuple[float, float], margin_mm: float) -> tuple[int, int, int, int]:
-    """Bounding box of the body outline (Otsu + largest component + hole filling), with a margin."""
+def body_outline(img01: np.ndarray) -> np.ndarray | None:
+    """The body outline (Otsu + largest component), or None where none covers 2 % of the image."""
     from skimage.filters import threshold_otsu
 
-    H, W = img01.shape
     smooth = ndi.gaussian_filter(img01, 2.0)
     try:
         thr = threshold_otsu(smooth)
     except ValueError:
-        return 0, H, 0, W
+        return None
     body = largest_component(smooth > thr * 0.5)
-    if body.sum() < 0.02 * H * W:  # nothing sensible found: keep the whole image
+    return body if body.sum() >= 0.02 * body.size else None
+
+
+def roi_box(img01: np.ndarray, spacing: tuple[float, float], margin_mm: float) -> tuple[int, int, int, int]:
+    """Bounding box of the body outline, with a margin (the whole image where there is no outline)."""
+    H, W = img01.shape
+    body = body_outline(img01)
+    if body is None:
         return 0, H, 0, W
     rows = np.flatnonzero(body.any(1))
     cols = np.flatnonzero(body.any(0))
