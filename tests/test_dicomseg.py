@@ -125,10 +125,12 @@ def test_filled_in_sources_are_used(series, tmp_path):
     folder, uids = series
     image = read_image(folder)
     image.sources = dicom_sources(image)
+    image.source = str(tmp_path / "moved")  # nothing left to read beside the image: only its sources
     labels = np.zeros(image.data.shape, np.uint8)
     labels[:, 20:30, 20:30] = 2
+    labels[0, 40:45, 20:30] = 2  # tells slice 0 from the others
     write_labels_like(tmp_path / "x.nii.gz", labels, image)
-    write_dicom_seg(tmp_path / "x.seg.dcm", labels, image, image.sources)
+    write_dicom_seg(tmp_path / "x.seg.dcm", labels, image, dicom_sources(image))
     check_seg_against_nifti(tmp_path / "x.seg.dcm", tmp_path / "x.nii.gz", uids)
 
 
