@@ -72,6 +72,8 @@ def test_unusable_out_folder_is_one_line(tmp_path, case, run_cli):
     (tmp_path / "x.nii.gz").write_bytes(b"x")
     rc, err = run_cli("predict", "--model", "pretrained", "--input", tmp_path / "x.nii.gz", "--out", out)
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"spineseg: error: {out}: "), err
+    assert {"existing file": "not a folder", "missing parent": "does not exist", "not writable": "not writable"}[case] \
+        in err[0]
     assert not (tmp_path / "no").exists()
     if case == "existing file":
         assert out.read_text() == "mine"
