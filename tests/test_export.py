@@ -49,6 +49,7 @@ def test_onnx_file_carries_the_model_config_and_preprocessing(exported):
     meta = onnx_metadata(exported.read_bytes())
     assert meta["config"] == ck["config"] and meta["preprocess"] == ck["preprocess"]
     assert meta["model_name"] == ck["model_name"]
+    assert Predictor(str(exported)).engine.name == "onnx"  # an .onnx model runs on onnxruntime by default
 
 
 def test_predict_engine_onnx_gives_the_torch_labels(exported, phantom_input, tmp_path):

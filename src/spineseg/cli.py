@@ -103,6 +103,10 @@ def cmd_predict(a) -> int:
                       thresholds=thresholds)
     print(f"wrote {len(res.written)} label maps to {a.out}" + (f"; {len(res.errors)} inputs failed" if res.errors else ""))
     print("measurements: " + ", ".join(str(p) for p in res.measurements))
+    for s in res.summaries:
+        if s.get("narrowest_slice") is not None:
+            print(f"  {s['case']}: narrowest canal at slice {s['narrowest_slice']} ({s['position_mm']:.1f} mm): "
+                  f"{s['canal_area_mm2']:.0f} mm2, AP {s['canal_ap_mm']:.1f} mm ({s['stenosis']}; research only)")
     if res.dicom_seg:
         print(f"DICOM SEG: {len(res.dicom_seg)} files ({res.dicom_seg[0].name}, ...)")
     if res.report:
@@ -115,7 +119,7 @@ def cmd_export(a) -> int:
     from .models.export import export_onnx
 
     dst = export_onnx(resolve_checkpoint(a.model), a.onnx)
-    print(f"wrote {dst} ({dst.stat().st_size / 1e6:.1f} MB); run it with: spineseg predict --engine onnx --model {dst}")
+    print(f"wrote {dst} ({dst.stat().st_size / 1e6:.1f} MB); use it with: spineseg predict --model {dst} --input ... --out ...")
     return 0
 
 
@@ -278,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    s.add_argument("--engine", choices=["torch", "onnx"], default="torch",
-                   help="torch (default) or onnxruntime (fp32, CPU)")
+    s.add_argument("--engine", choices=["torch", "onnx"], default=None,
+                   help="torch or onnxruntime (fp32, CPU); default: onnx for an .onnx model, else torch")
     s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: autocast, only where the processor has native bfloat16 (default fp32)")
     s.add_argument("--batch-size", type=int, default=1, help="slices per network call (default 1)")

@@ -116,11 +116,13 @@ class OnnxEngine:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
 
 
-def make_engine(loaded: LoadedModel, engine: str = "torch", device: str = "auto", precision: str = "fp32",
+def make_engine(loaded: LoadedModel, engine: str | None = None, device: str = "auto", precision: str = "fp32",
                 threads: int | None = None, require_native_bf16: bool = True):
-    """The named engine over ``loaded``; ``threads`` CPU threads (default: every available core)."""
+    """The named engine over ``loaded`` (None: onnx for an ONNX file, torch for a checkpoint); ``threads``
+    CPU threads (default: every available core)."""
     from ..models.checkpoint import pick_device
 
+    engine = engine or ("onnx" if loaded.onnx is not None else "torch")
     if engine not in ENGINES:
         raise SpinesegError(f"engine must be one of {ENGINES}")
     if precision not in PRECISIONS:

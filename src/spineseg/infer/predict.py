@@ -28,7 +28,7 @@ from ..preprocess.morphology import largest_component
 from ..preprocess.pipeline import PreprocessConfig, body_outline, preprocess_slice, probabilities_to_labels
 from ..progress import progress as progress_bar
 from .engine import available_cores, load_for_inference, make_engine
-from .measure import StenosisThresholds, measure_image, write_measurements
+from .measure import StenosisThresholds, measure_image, narrowest, write_measurements
 
 PRETRAINED = "pretrained"
 NNUNET_IMAGE_FOLDERS = ("imagesTr", "imagesTs")  # where a trailing _0000 is nnU-Net's channel suffix
@@ -83,14 +83,15 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Predictor:
-    """A trained network with its preprocessing, run by an engine (``torch`` or ``onnx``).
+    """A trained network with its preprocessing, run by an engine (``torch`` or ``onnx``; by default
+    ``onnx`` for an exported ``.onnx`` file, ``torch`` for a checkpoint).
 
     ``threads``: CPU threads (default: every core this process may use); ``batch_size``: slices per
     network call; ``precision``: ``fp32`` or ``bf16`` (torch engine, where the processor has native bf16).
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", threads: int | None = None,
-                 postprocess: str = "largest", engine: str = "torch", precision: str = "fp32", batch_size: int = 1,
+                 postprocess: str = "largest", engine: str | None = None, precision: str = "fp32", batch_size: int = 1,
                  require_native_bf16: bool = True):
         if postprocess not in POSTPROCESS:
             raise SpinesegError(f"postprocess must be one of {POSTPROCESS}")
@@ -259,11 +260,12 @@ class PredictResult:
     measurements: list[Path] = field(default_factory=list)
     dicom_seg: list[Path] = field(default_factory=list)
     report: Path | None = None
+    summaries: list[dict] = field(default_factory=list)  # per volume: its narrowest slice (see measure.narrowest)
 
 
 def predict_paths(checkpoint, inputs, out, spacing: float | None = None, device: str = "auto",
                   overlays: bool = True, progress: bool = True, postprocess: str = "largest", *,
-                  engine: str = "torch", precision: str = "fp32", batch_size: int = 1, threads: int | None = None,
+                  engine: str | None = None, precision: str = "fp32", batch_size: int = 1, threads: int | None = None,
                   dicom_seg: bool = False, report: bool = False,
                   thresholds: StenosisThresholds = StenosisThresholds()) -> tuple[list[Path], list[str]]:
     """Predict every input; a bad input is reported and skipped. Returns (written label maps, error lines)."""
@@ -279,7 +281,7 @@ def _report_error(errors: list[str], exc: SpinesegError) -> None:
 
 
 def predict_run(checkpoint, inputs, out, spacing: float | None = None, device: str = "auto", overlays: bool = True,
-                progress: bool = True, postprocess: str = "largest", engine: str = "torch", precision: str = "fp32",
+                progress: bool = True, postprocess: str = "largest", engine: str | None = None, precision: str = "fp32",
                 batch_size: int = 1, threads: int | None = None, dicom_seg: bool = False, report: bool = False,
                 thresholds: StenosisThresholds = StenosisThresholds()) -> PredictResult:
     """Everything ``spineseg predict`` writes; see the module docstring."""
@@ -304,6 +306,8 @@ def predict_run(checkpoint, inputs, out, spacing: float | None = None, device: s
                     overlay_png(out / "overlays" / f"{stack_name}.png", image.data, labels)
                 case_rows = measure_image(labels, image, stack_name, thresholds)
                 rows.extend(case_rows)
+                if len(case_rows) > 1:
+                    res.summaries.append(narrowest(case_rows))
                 if dicom_seg:
                     res.dicom_seg.extend(_write_dicom_seg(out, stack_name, labels, image, predictor))
                 if report:

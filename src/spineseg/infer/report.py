@@ -173,7 +173,7 @@ def report_html(sections: list[dict], run: dict, thresholds: StenosisThresholds,
             parts.append(f"<p>Narrowest canal: slice {s['narrowest_slice']} at {s['position_mm']:.1f} mm, "
                          f"{s['canal_area_mm2']:.0f} mm², AP {s['canal_ap_mm']:.1f} mm, transverse "
                          f"{s['canal_transverse_mm']:.1f} mm ({html.escape(s['stenosis'])}); "
-                         f"{s['slices_relative']} slices relative, {s['slices_absolute']} absolute.</p>")
+                         f"slices flagged: {s['slices_relative']} relative, {s['slices_absolute']} absolute.</p>")
         parts.append(_img(sec["montage"], f"{sec['name']} overlays"))
         parts.append(_img(sec["plot"], f"{sec['name']} canal along the slices"))
         parts.append(_table(sec["rows"], MEASUREMENT_COLUMNS[2:]))
