@@ -155,3 +155,14 @@ def test_non_dicom_input_gets_no_seg(tmp_path, capsys):
                  str(tmp_path / "out"), "--dicom-seg", "--no-overlays", "--quiet"]) == 0
     assert "not a DICOM input" in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("*.seg.dcm"))
+
+
+def test_no_structure_anywhere_gives_no_seg(series, tmp_path):
+    """A SEG needs one non-empty frame; highdicom would otherwise fill it with empty ones."""
+    from spineseg.errors import SpinesegError
+
+    folder, _ = series
+    image = read_image(folder)
+    with pytest.raises(SpinesegError, match="no structure"):
+        write_dicom_seg(tmp_path / "x.seg.dcm", np.zeros(image.data.shape, np.uint8), image, dicom_sources(image))
+    assert not (tmp_path / "x.seg.dcm").exists()

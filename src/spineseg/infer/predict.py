@@ -331,6 +331,9 @@ def _write_dicom_seg(out: Path, stack_name: str, labels: np.ndarray, image, pred
     if sources is None:
         print(f"spineseg: note: {image.source}: not a DICOM input, so no DICOM SEG", file=sys.stderr)
         return []
+    if not labels.any():  # a SEG needs at least one frame, and an empty frame would say nothing
+        print(f"spineseg: note: {image.source}: no structure found, so no DICOM SEG", file=sys.stderr)
+        return []
     dst = out / f"{stack_name}.seg.dcm"
     write_dicom_seg(dst, labels, image, sources, algorithm=predictor.name)
     return [dst]
