@@ -57,6 +57,12 @@ def test_plate_thickness_within_a_pixel(thickness, angle_deg, spacing):
     assert abs(mean_thickness_mm(plate, spacing) - thickness) <= max(spacing)
 
 
+def test_plate_cut_by_the_image_border():
+    plate = np.zeros((40, 60), bool)
+    plate[-6:, :] = True  # 6 pixels thick along the bottom edge, running out of the image on three sides
+    assert 4.0 <= mean_thickness_mm(plate, (1.0, 1.0)) <= 7.0
+
+
 def test_no_canal_gives_no_canal_values_and_no_flag():
     labels = spine_slice(0, (0.5, 0.5))
     labels[labels == 2] = 0

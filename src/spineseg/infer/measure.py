@@ -137,8 +137,8 @@ def mean_thickness_mm(mask: np.ndarray, spacing) -> float:
     centres = np.argwhere(skeletonize(mask))
     for r, c in centres[np.argsort(-radius[tuple(centres.T)], kind="stable")]:
         reach = radius[r, c] + 0.5 * spacing  # half a pixel of slack so that every pixel of the plate is covered
-        r0, r1 = max(0, int(r - reach[0] / spacing[0])), int(r + reach[0] / spacing[0]) + 1
-        c0, c1 = max(0, int(c - reach[1] / spacing[1])), int(c + reach[1] / spacing[1]) + 1
+        r0, r1 = max(0, int(r - reach[0] / spacing[0])), min(mask.shape[0], int(r + reach[0] / spacing[0]) + 1)
+        c0, c1 = max(0, int(c - reach[1] / spacing[1])), min(mask.shape[1], int(c + reach[1] / spacing[1]) + 1)
         rows, cols = np.ogrid[r0:r1, c0:c1]
         disc = ((rows - r) * spacing[0]) ** 2 + ((cols - c) * spacing[1]) ** 2 <= float(np.max(reach)) ** 2
         window = thickness[r0:r1, c0:c1]
