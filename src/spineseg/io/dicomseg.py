@@ -108,6 +108,8 @@ def write_dicom_seg(path: str | Path, labels: np.ndarray, image, sources: list[d
     from pydicom.sr.codedict import codes
 
     labels = np.asarray(labels, np.uint8)
+    if not labels.any():
+        raise SpinesegError("no structure in any slice: a DICOM SEG needs at least one non-empty frame", image.source)
     if len(sources) != labels.shape[0]:
         raise SpinesegError(f"{len(sources)} source instances for {labels.shape[0]} slices", image.source)
     file_labels = image.to_file_layout(labels)
