@@ -61,7 +61,7 @@ def montage_png(image, raw: np.ndarray, post: np.ndarray, slice_numbers, max_sli
     picks = np.unique(np.linspace(0, n - 1, min(n, max_slices)).round().astype(int))
     ncols = min(4, len(picks))
     nrows = int(np.ceil(len(picks) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(max(3.0 * ncols, 7.0), 3.0 * nrows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(3.0 * ncols, 7.0), 3.4 * nrows + 0.6), squeeze=False)
     aspect = image.spacing[0] / image.spacing[1]  # rows and columns in millimetres
     for ax in axes.ravel():
         ax.axis("off")
@@ -73,7 +73,7 @@ def montage_png(image, raw: np.ndarray, post: np.ndarray, slice_numbers, max_sli
     handles = [Line2D([], [], color=c, lw=1.5, label=STRUCTURE_NAMES[k]) for k, c in LABEL_COLORS.items()]
     handles.append(Line2D([], [], color=RAW_COLOR, lw=1.5, ls="--", label="raw network output"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.5 / (3.0 * nrows + 0.6), 1, 1))
+    fig.tight_layout(rect=(0, 0.5 / (3.4 * nrows + 0.6), 1, 1))
     return _png(fig)
 
 
