@@ -8,7 +8,6 @@ import pytest
 from PIL import Image as PILImage
 
 from spineseg.cli import main
-from spineseg.infer.measure import StenosisThresholds
 from spineseg.infer.report import RAW_COLOR, montage_png
 from spineseg.io.images import read_image, save_nifti, save_slice_nifti
 from spineseg.io.preview import LABEL_COLORS

@@ -1,6 +1,6 @@
 """Prediction: any supported image -> preprocess -> model -> back to the source grid -> label maps and answers.
 
-``predict_paths`` writes, per stack of every input, ``{name}.nii.gz`` (and ``overlays/{name}.png``,
+``predict_run`` writes, per stack of every input, ``{name}.nii.gz`` (and ``overlays/{name}.png``,
 optionally ``{name}.seg.dcm`` for DICOM input), then ``measurements.csv`` for the whole run and,
 optionally, ``report.html``. Every check that can refuse the run (colliding output names, an unusable
 output folder, the model) runs before anything is written; a bad input is reported in one line and
@@ -263,23 +263,6 @@ class PredictResult:
     summaries: list[dict] = field(default_factory=list)  # per volume: its narrowest slice (see measure.narrowest)
 
 
-def predict_paths(checkpoint, inputs, out, spacing: float | None = None, device: str = "auto",
-                  overlays: bool = True, progress: bool = True, postprocess: str = "largest", *,
-                  engine: str | None = None, precision: str = "fp32", batch_size: int = 1, threads: int | None = None,
-                  dicom_seg: bool = False, report: bool = False,
-                  thresholds: StenosisThresholds = StenosisThresholds()) -> tuple[list[Path], list[str]]:
-    """Predict every input; a bad input is reported and skipped. Returns (written label maps, error lines)."""
-    res = predict_run(checkpoint, inputs, out, spacing=spacing, device=device, overlays=overlays, progress=progress,
-                      postprocess=postprocess, engine=engine, precision=precision, batch_size=batch_size,
-                      threads=threads, dicom_seg=dicom_seg, report=report, thresholds=thresholds)
-    return res.written, res.errors
-
-
-def _report_error(errors: list[str], exc: SpinesegError) -> None:
-    errors.append(str(exc))
-    print(f"spineseg: error: {exc}", file=sys.stderr)
-
-
 def predict_run(checkpoint, inputs, out, spacing: float | None = None, device: str = "auto", overlays: bool = True,
                 progress: bool = True, postprocess: str = "largest", engine: str | None = None, precision: str = "fp32",
                 batch_size: int = 1, threads: int | None = None, dicom_seg: bool = False, report: bool = False,
@@ -314,8 +297,9 @@ def predict_run(checkpoint, inputs, out, spacing: float | None = None, device: s
                     from .report import case_section
 
                     sections.append(case_section(stack_name, image, raw, labels, case_rows, thresholds))
-        except SpinesegError as exc:
-            _report_error(res.errors, exc)
+        except SpinesegError as exc:  # a bad input is reported in one line; the others go on
+            res.errors.append(str(exc))
+            print(f"spineseg: error: {exc}", file=sys.stderr)
     res.measurements = write_measurements(out, rows)
     if report:
         from .report import write_report
