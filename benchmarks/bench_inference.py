@@ -12,7 +12,7 @@ probabilities back, post-processing), per slice. ``seconds_per_slice`` is the me
 bf16 rows run only where the processor has native bfloat16 (``spineseg.infer.engine.native_bf16``);
 elsewhere one emulated row of the small configuration shows why predict refuses it. Each value is the
 median of ``--repeats`` runs after a warm-up; other processes on the machine are not controlled, so the
-JSON records the load average before and after.
+JSON records the load average of every row and before / after every run.
 
 ``--compare-bf16`` predicts a phantom data set's images with fp32 and with bf16 autocast (emulated if
 need be) and reports the Dice of each against the ground truth and between the two.
@@ -117,7 +117,7 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
                                    "batch": batch, "what": what, "seconds_per_slice": round(seconds, 4),
                                    "seconds_per_slice_min": round(fastest, 4),
                                    "gflop": round(gflop, 2), "gflop_per_s": round(gflop / seconds, 1),
-                                   "threads": predictor.threads}
+                                   "threads": predictor.threads, "load_1min": round(os.getloadavg()[0], 2)}
                             if emulated:
                                 row["note"] = "emulated bf16 (no native bfloat16): predict refuses this"
                             rows.append(row)
@@ -201,25 +201,29 @@ def main():
     a.threads = a.threads or available_cores()
     path = Path(a.json)
     result = json.loads(path.read_text()) if path.exists() and path.read_text().lstrip().startswith("{") else {}
+    result.setdefault("runs", []).append({"configs": a.configs, "threads": a.threads, "load_average_before": os.getloadavg()})
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": available_cores(),
                          "threads": a.threads, "torch": torch.__version__,
                          "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                         "native_bf16": native_bf16(torch.device("cpu")), "load_average_before": os.getloadavg()}
+                         "native_bf16": native_bf16(torch.device("cpu"))}
     if a.compare_bf16:
         result["bf16_agreement"] = compare_bf16(a)
     else:
         rows, ratios = speed_rows(a)
-        keep = [r for r in result.get("rows", []) if r["config"] not in a.configs]  # rows of other configs stay
-        result["rows"], result["fp32_over_bf16"] = keep + rows, ratios
-        print(f"{'config':<10}{'prec':>6}{'engine':>7}{'batch':>6}{'what':>12}{'s/slice':>9}{'min':>8}{'GFLOP':>8}"
-              f"{'GFLOP/s':>9}")
+        # rows of other configs, or of these at another thread count, stay
+        keep = [r for r in result.get("rows", []) if r["config"] not in a.configs or r["threads"] != a.threads]
+        result["rows"] = keep + rows
+        result["fp32_over_bf16"] = [r for r in result.get("fp32_over_bf16", []) if r["config"] not in a.configs] + ratios
+        print(f"{'config':<10}{'prec':>6}{'engine':>7}{'thr':>4}{'batch':>6}{'what':>12}{'s/slice':>9}{'min':>8}"
+              f"{'GFLOP':>8}{'GFLOP/s':>9}{'load':>6}")
         for r in result["rows"]:
-            print(f"{r['config']:<10}{r['precision']:>6}{r['engine']:>7}{r['batch']:>6}{r['what']:>12}"
-                  f"{r['seconds_per_slice']:>9}{r.get('seconds_per_slice_min', ''):>8}{r['gflop']:>8}{r['gflop_per_s']:>9}")
+            print(f"{r['config']:<10}{r['precision']:>6}{r['engine']:>7}{r['threads']:>4}{r['batch']:>6}{r['what']:>12}"
+                  f"{r['seconds_per_slice']:>9}{r.get('seconds_per_slice_min', ''):>8}{r['gflop']:>8}{r['gflop_per_s']:>9}"
+                  f"{r.get('load_1min', ''):>6}")
         for r in ratios:
             print(f"fp32 / bf16 ({r['config']}, {r['engine']}, batch {r['batch']}, {r['what']}): {r['fp32_over_bf16']}"
                   + ("" if r["native_bf16"] else " (bf16 emulated)"))
-    result["machine"]["load_average_after"] = os.getloadavg()
+    result["runs"][-1]["load_average_after"] = os.getloadavg()
     path.write_text(json.dumps(result, indent=1) + "\n")
 
 
