@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NNUNET := $(VENV)/.nnunet-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install chromium demo test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,12 +25,21 @@ $(NNUNET): $(STAMP)
 		requests seaborn imagecodecs yacs einops blosc2 tifffile
 	touch $(NNUNET)
 
-install: $(STAMP) $(NNUNET)
+install: $(STAMP) $(NNUNET) chromium
+
+# Debian's chromium renders report.html in a test. Installed where apt-get can (as root, or via sudo);
+# elsewhere `make` goes on, and that test fails, naming what is missing, rather than being skipped.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
+	  command -v apt-get >/dev/null 2>&1 && { $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q chromium >/dev/null 2>&1; }; }; \
+	  command -v chromium >/dev/null 2>&1 || echo "note: chromium is not installed (no apt-get or no rights): tests/test_report.py will fail"; }
 
 demo: $(STAMP)
 	$(BIN)/python -m spineseg.demo --out runs/demo
 
-test: $(STAMP) $(NNUNET)
+test: $(STAMP) $(NNUNET) chromium
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

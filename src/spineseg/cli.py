@@ -97,12 +97,45 @@ def cmd_train(a) -> int:
 
 
 def cmd_predict(a) -> int:
-    from .infer.predict import predict_paths
+    from .infer.measure import StenosisThresholds
+    from .infer.predict import predict_run, run_test_inputs
 
-    written, errors = predict_paths(a.model, a.input, a.out, spacing=a.spacing, device=a.device,
-                                    overlays=not a.no_overlays, progress=not a.quiet, postprocess=a.postprocess)
-    print(f"wrote {len(written)} label maps to {a.out}" + (f"; {len(errors)} inputs failed" if errors else ""))
-    return 2 if errors else 0
+    thresholds = StenosisThresholds.parse(a.stenosis_area, a.stenosis_ap)
+    if a.run and a.input:
+        raise SpinesegError("give --input or --run, not both")
+    if a.run:
+        if not a.data:
+            raise SpinesegError("--run needs --data: the data set folder the run was trained on")
+        checkpoint, inputs = run_test_inputs(a.run, a.data)
+        checkpoint = a.model or checkpoint
+    else:
+        if not a.input or not a.model:
+            raise SpinesegError("give --model and --input, or --run RUN --data DIR")
+        checkpoint, inputs = a.model, a.input
+    res = predict_run(checkpoint, inputs, a.out, spacing=a.spacing, device=a.device, overlays=not a.no_overlays,
+                      progress=not a.quiet, postprocess=a.postprocess, engine=a.engine, precision=a.precision,
+                      batch_size=a.batch_size, threads=a.threads, dicom_seg=a.dicom_seg, report=a.report,
+                      thresholds=thresholds)
+    print(f"wrote {len(res.written)} label maps to {a.out}" + (f"; {len(res.errors)} inputs failed" if res.errors else ""))
+    print("measurements: " + ", ".join(str(p) for p in res.measurements))
+    for s in res.summaries:
+        if s.get("narrowest_slice") is not None:
+            print(f"  {s['case']}: narrowest canal at slice {s['narrowest_slice']} ({s['position_mm']:.1f} mm): "
+                  f"{s['canal_area_mm2']:.0f} mm2, AP {s['canal_ap_mm']:.1f} mm ({s['stenosis']}; research only)")
+    if res.dicom_seg:
+        print(f"DICOM SEG: {len(res.dicom_seg)} files ({res.dicom_seg[0].name}, ...)")
+    if res.report:
+        print(f"report: {res.report}")
+    return 2 if res.errors else 0
+
+
+def cmd_export(a) -> int:
+    from .infer.predict import resolve_checkpoint
+    from .models.export import export_onnx
+
+    dst = export_onnx(resolve_checkpoint(a.model), a.onnx)
+    print(f"wrote {dst} ({dst.stat().st_size / 1e6:.1f} MB); use it with: spineseg predict --model {dst} --input ... --out ...")
+    return 0
 
 
 def cmd_evaluate(a) -> int:
@@ -295,17 +328,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("predict", help="segment images with a trained model")
-    s.add_argument("--model", required=True, help="checkpoint (RUN/best.pt), or 'pretrained'")
-    s.add_argument("--input", required=True, nargs="+", help="NIfTI / MHA / DICOM series folder / PNG, or folders")
+    s = sub.add_parser("predict", help="segment images with a trained model; measure the canal; DICOM SEG, report")
+    s.add_argument("--model", help="checkpoint (RUN/best.pt), an exported .onnx file, or 'pretrained'")
+    s.add_argument("--input", nargs="+", help="NIfTI / MHA / DICOM series folder / PNG, or folders")
+    s.add_argument("--run", help="a training run folder: predict the test patients of its split (with --data)")
+    s.add_argument("--data", help="the data set folder of --run")
     s.add_argument("--out", required=True)
     s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--engine", choices=["torch", "onnx"], default=None,
+                   help="torch or onnxruntime (fp32, CPU); default: onnx for an .onnx model, else torch")
+    s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: autocast, only where the processor has native bfloat16 (default fp32)")
+    s.add_argument("--batch-size", type=int, default=1, help="slices per network call (default 1)")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads (default: every available core)")
     s.add_argument("--no-overlays", action="store_true")
     s.add_argument("--postprocess", choices=["largest", "none"], default="largest",
                    help="keep the largest connected region of each structure (default) or nothing")
+    s.add_argument("--dicom-seg", action="store_true", help="also write {name}.seg.dcm for DICOM inputs")
+    s.add_argument("--report", action="store_true", help="also write a self-contained report.html")
+    s.add_argument("--stenosis-area", default="100,75", metavar="REL,ABS",
+                   help="canal area thresholds (mm2) of relative / absolute stenosis (default 100,75; research only)")
+    s.add_argument("--stenosis-ap", default="12,10", metavar="REL,ABS",
+                   help="canal AP diameter thresholds (mm) of relative / absolute stenosis (default 12,10)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("export", help="export a model to ONNX (clustered attention included)")
+    s.add_argument("--model", required=True, help="checkpoint (RUN/best.pt) or 'pretrained'")
+    s.add_argument("--onnx", required=True, help="the .onnx file to write")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("evaluate", help="per-slice metrics (Dice, IoU, PPV, sensitivity, HD, HD95 in mm) and summaries")
     s.add_argument("--pred", help="folder of predicted label maps (NIfTI or PNG); with --run default RUN/pred")

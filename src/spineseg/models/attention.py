@@ -31,7 +31,8 @@ def _init_centroids(x: torch.Tensor, c: int) -> torch.Tensor:
     sample's squared distances are computed once; each pick is then a gather and a minimum.
     """
     n, d = x.shape[-2], x.shape[-1]
-    xs = x[..., :: max(1, -(-n // INIT_SAMPLE)), :]
+    # ceil division written without negative operands: ONNX integer division truncates towards zero
+    xs = x[..., :: max(1, (n + INIT_SAMPLE - 1) // INIT_SAMPLE), :]
     m = xs.shape[-2]
     if c >= m:  # no fewer clusters than sample tokens: evenly spaced tokens of the full set
         return x[..., torch.linspace(0, n - 1, c, device=x.device).round().long(), :]
@@ -87,7 +88,7 @@ def kmeans_assign(q: torch.Tensor, clusters: int, iters: int = 3, sample: int = 
         qf = q.float()
         c = _init_centroids(qf, clusters)
         n = qf.shape[-2]
-        stride = max(1, -(-n // sample))
+        stride = max(1, (n + sample - 1) // sample)  # ceil division that exports to ONNX (see _init_centroids)
         xs = qf[..., ::stride, :]
         for _ in range(iters):
             assign = _nearest(xs, c)

@@ -106,6 +106,7 @@ def clahe(img01: np.ndarray, clip: float) -> np.ndarray:
 PIPELINE_REVISION = 2
 MIN_SIDE_PX = 16
 NO_CONTENT = "no image content"
+MIN_OUTLINE_MM2 = 1000.0  # a body cross-section smaller than ~3 x 3 cm cannot hold a lumbar vertebra
 
 
 def check_image_content(img: np.ndarray) -> None:
@@ -118,26 +119,28 @@ def check_image_content(img: np.ndarray) -> None:
         raise SpinesegError(f"{NO_CONTENT}: every pixel is {float(img.min()):g}")
 
 
-MIN_OUTLINE_MM2 = 1000.0  # a body cross-section smaller than ~3 x 3 cm cannot hold a lumbar vertebra
-
-
-def roi_box(img01: np.ndarray, spacing: tuple[float, float], margin_mm: float) -> tuple[int, int, int, int]:
-    """Bounding box of the body outline (Otsu + largest component), with a margin.
-
-    A slice without a body outline (no bright region of at least 2 % of the image and
-    ``MIN_OUTLINE_MM2``) has no image content.
-    """
+def body_outline(img01: np.ndarray, spacing: tuple[float, float] | None = None) -> np.ndarray | None:
+    """The body outline (Otsu + largest component), or None where none covers 2 % of the image (and, given a
+    ``spacing``, ``MIN_OUTLINE_MM2``)."""
     from skimage.filters import threshold_otsu
 
-    H, W = img01.shape
     smooth = ndi.gaussian_filter(img01, 2.0)
     try:
         thr = threshold_otsu(smooth)
     except ValueError:
-        raise SpinesegError(f"{NO_CONTENT}: no body outline found") from None
+        return None
     body = largest_component(smooth > thr * 0.5)
-    if body.sum() < 0.02 * H * W or body.sum() * spacing[0] * spacing[1] < MIN_OUTLINE_MM2:
+    if body.sum() < 0.02 * body.size or (spacing is not None and body.sum() * spacing[0] * spacing[1] < MIN_OUTLINE_MM2):
+        return None
+    return body
+
+
+def roi_box(img01: np.ndarray, spacing: tuple[float, float], margin_mm: float) -> tuple[int, int, int, int]:
+    """Bounding box of the body outline, with a margin; a slice without one has no image content."""
+    body = body_outline(img01, spacing)
+    if body is None:
         raise SpinesegError(f"{NO_CONTENT}: no body outline found")
+    H, W = img01.shape
     rows = np.flatnonzero(body.any(1))
     cols = np.flatnonzero(body.any(0))
     mr, mc = int(round(margin_mm / spacing[0])), int(round(margin_mm / spacing[1]))
