@@ -89,8 +89,11 @@ def test_phantom_stenosis_flags_agree_with_its_ground_truth():
     criterion calls absolute stenosis; its normal canals (AP ~11-17 mm) must never be flagged absolute."""
     from spineseg.data.phantom import phantom_slice
 
-    # virtual patients of seed 0 with a stenotic level; their five slices cover all five levels
-    slices = [phantom_slice(0, p, k, size=192, spacing=1.0) for p in (7, 8, 10, 22) for k in range(5)]
+    from spineseg.data.phantom import _patient_params
+
+    # the first four virtual patients of seed 0 with a stenotic level; their five slices cover all five levels
+    stenotic = [p for p in range(100) if _patient_params(0, p)["stenosis_level"] >= 0][:4]
+    slices = [phantom_slice(0, p, k, size=192, spacing=1.0) for p in stenotic for k in range(5)]
     truth = np.array([s.meta["stenosis"] for s in slices])
     flags = [measure_slice(s.label, s.spacing)["stenosis"] for s in slices]
     assert truth.sum() >= 4

@@ -9,10 +9,8 @@ skipped.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 
 from .. import NUM_CLASSES, __version__
 from ..errors import SpinesegError
+from ..io.atomic import check_output_folder
 from ..io.images import case_stem, file_ext, read_images, stack_output_name, write_labels_like, DICOM_EXT, IMAGE_EXT
 from ..io.intensity import percentile_window
 from ..io.layouts import collect_inputs
@@ -200,21 +199,6 @@ def _may_hold_stacks(path: Path) -> bool:
     return path.is_dir() or file_ext(path) in DICOM_EXT or file_ext(path) not in IMAGE_EXT
 
 
-def check_out_folder(out: Path) -> None:
-    """Refuse an output folder that cannot be used, without creating anything."""
-    if out.exists() and not out.is_dir():
-        raise SpinesegError("exists and is not a folder", out)
-    folder = out if out.exists() else out.parent
-    if not folder.is_dir():
-        raise SpinesegError(f"parent folder {folder} does not exist", out)
-    try:  # os.access is not enough: root, read-only mounts and ACLs all decide differently
-        fd, probe = tempfile.mkstemp(prefix=".spineseg-write-test-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise SpinesegError(f"folder {folder} is not writable ({exc.strerror or exc})", out) from None
-
-
 def run_test_inputs(run: str | Path, data: str | Path) -> tuple[Path, list[Path]]:
     """The checkpoint of a training run and the images of its split's test patients in ``data``."""
     import json
@@ -271,7 +255,7 @@ def predict_run(checkpoint, inputs, out, spacing: float | None = None, device: s
     planned = plan_outputs(collect_inputs(inputs))
     if not planned:
         raise SpinesegError("no inputs to predict")
-    check_out_folder(out)
+    check_output_folder(out)
     predictor = Predictor(checkpoint, device, threads=threads, postprocess=postprocess, engine=engine,
                           precision=precision, batch_size=batch_size)
     out.mkdir(exist_ok=True)

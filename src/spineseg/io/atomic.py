@@ -141,8 +141,13 @@ def _check_parent(path: Path) -> None:
 
 
 def _check_writable(folder: Path, path: Path) -> None:
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise SpinesegError(f"cannot write in {folder} (permission denied or a read-only file system)", path)
+    # a real probe: permission bits, root, read-only mounts and ACLs all decide differently than os.access
+    try:
+        fd, probe = tempfile.mkstemp(prefix=_prefix(Path("write-test")), dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SpinesegError(f"folder {folder} is not writable ({exc.strerror or exc})", path) from None
 
 
 def check_output_folder(path: str | Path) -> Path:
