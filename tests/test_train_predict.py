@@ -95,13 +95,19 @@ def test_keep_largest_components():
 
 def test_predict_postprocess_option(run, small_phantom, tmp_path):
     img = read_image(sorted((small_phantom / "imagesTr").iterdir())[1])
-    raw = Predictor(run / "best.pt", postprocess="none").predict_volume(img)
-    pp = Predictor(run / "best.pt").predict_volume(img)
     from scipy import ndimage as ndi
 
+    from spineseg.infer.postprocess import anatomical_postprocess
+
+    predictor = Predictor(run / "best.pt", postprocess="none")
+    raw, default = predictor.predict_both(img)
+    largest = Predictor(run / "best.pt", postprocess="largest").predict_volume(img)
     for k in (1, 2, 3):
-        assert ndi.label(pp[0] == k, structure=np.ones((3, 3)))[1] <= 1
-        assert ((pp[0] == k) & (raw[0] != k)).sum() == 0  # post-processing only removes
+        assert ndi.label(largest[0] == k, structure=np.ones((3, 3)))[1] <= 1
+        assert ((largest[0] == k) & (raw[0] != k)).sum() == 0  # keeping the largest region only removes
+    assert np.array_equal(default, raw)  # "none" is the raw argmax
+    anatomical = Predictor(run / "best.pt").predict_volume(img)  # the default: anatomical rules
+    assert np.array_equal(anatomical[0], anatomical_postprocess(raw[0], img.spacing))
     from spineseg.errors import SpinesegError
 
     with pytest.raises(SpinesegError):

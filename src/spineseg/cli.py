@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import SpinesegError
+from .infer.postprocess import DEFAULT_POSTPROCESS, POSTPROCESS
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -343,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=1, help="slices per network call (default 1)")
     s.add_argument("--threads", type=int, default=None, help="CPU threads (default: every available core)")
     s.add_argument("--no-overlays", action="store_true")
-    s.add_argument("--postprocess", choices=["largest", "none"], default="largest",
+    s.add_argument("--postprocess", choices=list(POSTPROCESS), default=DEFAULT_POSTPROCESS,
                    help="keep the largest connected region of each structure (default) or nothing")
     s.add_argument("--dicom-seg", action="store_true", help="also write {name}.seg.dcm for DICOM inputs")
     s.add_argument("--report", action="store_true", help="also write a self-contained report.html")
@@ -403,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nnunet-epochs", type=int, default=None,
                    help="length of the nnunet row (nnUNetTrainer_<N>epochs); default: the longest that fits the budget")
     s.add_argument("--reference", help="row the p-values refer to (default: spineseg if present, else the last)")
-    s.add_argument("--postprocess", choices=["largest", "none"], default="largest",
+    s.add_argument("--postprocess", choices=list(POSTPROCESS), default=DEFAULT_POSTPROCESS,
                    help="keep the largest connected region of each structure (default) or nothing")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
@@ -435,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=str(Path("runs") / "sanity"),
                    help="folder for sanity.csv, sanity.json and montage_INPUT.png (default runs/sanity)")
     s.add_argument("--slices", help="only slices a:b of each volume")
-    s.add_argument("--postprocess", choices=["largest", "none"], default="largest",
+    s.add_argument("--postprocess", choices=list(POSTPROCESS), default=DEFAULT_POSTPROCESS,
                    help="post-processing checked beside the raw prediction (default: largest connected region)")
     s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

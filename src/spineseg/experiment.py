@@ -37,7 +37,7 @@ def _log(msg: str) -> None:
 
 def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,), budget_minutes: float | None = None,
                    epochs: int | None = None, config: str = "cpu-quick", seed: int = 0, reference: str | None = None,
-                   progress: bool = True, argv: list[str] | None = None, postprocess: str = "largest",
+                   progress: bool = True, argv: list[str] | None = None, postprocess: str = "anatomical",
                    sets: dict | None = None, case_is_patient: bool = False, nnunet_epochs: int | None = None) -> Path:
     from .nnunet_row import EPOCH_VARIANTS, INSTALL_HINT, NNUNET, nnunet_installed
     from .train.config import resolve_config

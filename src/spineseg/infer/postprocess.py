@@ -18,6 +18,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+# anatomical (default): the rules above; largest: each structure's largest region (nnU-Net's rule); none: raw argmax
+POSTPROCESS = ("anatomical", "largest", "none")
+DEFAULT_POSTPROCESS = "anatomical"
 BODY, CANAL, LAMINA = 1, 2, 3
 LAMINA_REACH_MM = 45.0  # a lamina's centre lies within this distance of the canal's centre
 MAX_HOLE_MM2 = 150.0  # holes up to this size are errors; a disc within the body's bony rim is larger

@@ -27,6 +27,7 @@ from ..preprocess.morphology import largest_component
 from ..preprocess.pipeline import MIN_SIDE_PX, PreprocessConfig, body_outline, preprocess_slice, probabilities_to_labels
 from ..progress import progress as progress_bar
 from .engine import available_cores, load_for_inference, make_engine
+from .postprocess import DEFAULT_POSTPROCESS, POSTPROCESS, anatomical_postprocess
 from .measure import StenosisThresholds, measure_image, narrowest, write_measurements
 
 PRETRAINED = "pretrained"
@@ -46,15 +47,16 @@ def resolve_checkpoint(name: str | Path) -> Path:
     return Path(name)
 
 
-POSTPROCESS = ("largest", "none")
-
-
-def postprocess_labels(labels: np.ndarray, method: str = "largest", spacing=None) -> np.ndarray:
-    """Apply the named post-processing (see ``POSTPROCESS``) to one slice's label map."""
+def postprocess_labels(labels: np.ndarray, method: str = DEFAULT_POSTPROCESS, spacing=None) -> np.ndarray:
+    """Apply the named post-processing (see ``POSTPROCESS``) to one slice's label map (``spacing`` in mm)."""
     if method == "none":
         return labels
     if method == "largest":
         return keep_largest_components(labels)
+    if method == "anatomical":
+        if spacing is None:
+            raise SpinesegError("anatomical post-processing needs the slice's pixel spacing")
+        return anatomical_postprocess(labels, spacing)
     raise SpinesegError(f"postprocess must be one of {POSTPROCESS}")
 
 
@@ -89,7 +91,7 @@ class Predictor:
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", threads: int | None = None,
-                 postprocess: str = "largest", engine: str | None = None, precision: str = "fp32", batch_size: int = 1,
+                 postprocess: str = DEFAULT_POSTPROCESS, engine: str | None = None, precision: str = "fp32", batch_size: int = 1,
                  require_native_bf16: bool = True):
         if postprocess not in POSTPROCESS:
             raise SpinesegError(f"postprocess must be one of {POSTPROCESS}")
@@ -247,7 +249,7 @@ class PredictResult:
 
 
 def predict_run(checkpoint, inputs, out, spacing: float | None = None, device: str = "auto", overlays: bool = True,
-                progress: bool = True, postprocess: str = "largest", engine: str | None = None, precision: str = "fp32",
+                progress: bool = True, postprocess: str = DEFAULT_POSTPROCESS, engine: str | None = None, precision: str = "fp32",
                 batch_size: int = 1, threads: int | None = None, dicom_seg: bool = False, report: bool = False,
                 thresholds: StenosisThresholds = StenosisThresholds()) -> PredictResult:
     """Everything ``spineseg predict`` writes; see the module docstring."""
