@@ -47,3 +47,33 @@ def test_split_command(small_phantom, tmp_path):
     assert main(["split", "--data", str(small_phantom), "--scheme", "paper", "--out", str(tmp_path / "s.json")]) == 0
     s = json.loads((tmp_path / "s.json").read_text())
     assert len(s) == 5 and set(s[0]) == {"train", "val", "test"}
+
+
+def test_every_option_of_every_command_has_a_help_text():
+    import argparse
+
+    from spineseg.cli import build_parser
+
+    def options(parser, prefix=""):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                described = {c.dest for c in action._choices_actions if (c.help or "").strip()}
+                for name, sub in action.choices.items():
+                    assert name in described, f"{prefix}{name} has no help text"
+                    yield from options(sub, f"{prefix}{name} ")
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                yield prefix.strip(), action
+
+    missing = [(cmd, a.option_strings or a.dest) for cmd, a in options(build_parser()) if not (a.help or "").strip()]
+    assert not missing
+    commands = {cmd for cmd, _ in options(build_parser())}
+    for cmd in commands:  # and --quiet everywhere
+        assert any(a.option_strings == ["--quiet"] for c, a in options(build_parser()) if c == cmd), cmd
+
+
+def test_help_shows_defaults():
+    from spineseg.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
+    text = sub.choices["train"].format_help() + sub.choices["predict"].format_help()
+    assert "(default: auto)" in text and "(default: anatomical)" in text
