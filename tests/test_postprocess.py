@@ -72,3 +72,13 @@ def test_holes_in_body_and_canal_are_filled_and_the_canal_is_one_region(truth):
     lab[r - 30:r - 27, c:c + 3] = 2  # a canal speck elsewhere
     out = anatomical_postprocess(lab, s.spacing)
     assert np.array_equal(out == 1, s.label == 1) and np.array_equal(out == 2, s.label == 2)
+
+
+def test_a_body_speck_on_a_disc_level_slice_is_no_body():
+    s = next(x for x in (phantom_slice(0, p, k, size=256, spacing=SPACING[0]) for p in range(40) for k in range(5))
+             if x.meta["position"] == "disc")
+    assert not (s.label == 1).any()
+    lab = s.label.copy()
+    r, c = np.argwhere(lab == 2).min(0)
+    lab[r - 12:r - 7, c:c + 5] = 1  # 25 px = 15 mm2 in front of the canal
+    assert np.array_equal(anatomical_postprocess(lab, s.spacing), s.label)

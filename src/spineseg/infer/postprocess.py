@@ -5,7 +5,8 @@ do not touch, and keeps a body blob on the psoas when it happens to be larger. A
 
 - the canal is one region: its largest 4-connected region, holes filled (nerve roots, a dark CSF dot);
 - the vertebral body lies in front of the canal: of its regions, the one nearest the canal among those
-  anterior of it (the largest when there is no canal), holes filled, one 4-connected piece;
+  anterior of it (the largest when there is no canal), holes filled, one 4-connected piece; specks far
+  smaller than any body section are no body at all (a disc-level slice has none);
 - the laminae lie behind the canal, one on each side of the midline (or one V-shaped arch across it):
   on each side the largest region whose centre lies behind the canal's front and within reach of it.
 
@@ -18,11 +19,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..anatomy import AREA_LIMITS_MM2
+
 # anatomical (default): the rules above; largest: each structure's largest region (nnU-Net's rule); none: raw argmax
 POSTPROCESS = ("anatomical", "largest", "none")
 DEFAULT_POSTPROCESS = "anatomical"
 BODY, CANAL, LAMINA = 1, 2, 3
 LAMINA_REACH_MM = 45.0  # a lamina's centre lies within this distance of the canal's centre
+MIN_BODY_MM2 = 0.4 * AREA_LIMITS_MM2["vertebral_body"][0]  # smaller regions are specks, not a body
 MAX_HOLE_MM2 = 150.0  # holes up to this size are errors; a disc within the body's bony rim is larger
 FOUR = ndi.generate_binary_structure(2, 1)
 EIGHT = np.ones((3, 3), bool)
@@ -57,7 +61,8 @@ def _fill(mask: np.ndarray, spacing) -> np.ndarray:
 
 
 def _pick_body(labels: np.ndarray, canal_centre, spacing) -> np.ndarray:
-    regions = _regions(labels == BODY)
+    pixel_mm2 = float(spacing[0]) * float(spacing[1])
+    regions = [r for r in _regions(labels == BODY) if r.sum() * pixel_mm2 >= MIN_BODY_MM2]
     if not regions:
         return np.zeros(labels.shape, bool)
     if canal_centre is None:
