@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from spineseg.cli import main
 
@@ -77,3 +78,20 @@ def test_help_shows_defaults():
     sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
     text = sub.choices["train"].format_help() + sub.choices["predict"].format_help()
     assert "(default: auto)" in text and "(default: anatomical)" in text
+
+
+def test_every_shipped_resource_is_in_the_package_data():
+    """A non-editable install carries only the globs of pyproject.toml: a config missing there is a
+    model row silently trained without its own settings (spineseg would lose its critic)."""
+    import fnmatch
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    line = re.search(r"^spineseg = \[(.*)\]$", (root / "pyproject.toml").read_text(), re.M).group(1)
+    globs = re.findall(r'"([^"]+)"', line)  # the [tool.setuptools.package-data] line (no tomllib on 3.10)
+    package = root / "src" / "spineseg"
+    resources = [p.relative_to(package).as_posix() for d in ("configs", "pretrained")
+                 for p in (package / d).rglob("*") if p.is_file() and p.suffix in (".yaml", ".pt")]
+    assert any(r.startswith("configs/models/") for r in resources)
+    missing = [r for r in resources if not any(fnmatch.fnmatchcase(r, g) and r.count("/") == g.count("/") for g in globs)]
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"

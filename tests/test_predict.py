@@ -124,6 +124,8 @@ def test_threads_default_to_every_available_core(monkeypatch):
         p = Predictor("pretrained")
         assert p.threads == 3 and torch.get_num_threads() == 3 and p.describe()["threads"] == 3
         assert Predictor("pretrained", threads=1).threads == 1 and torch.get_num_threads() == 1
+        with pytest.raises(SpinesegError, match="at least 1"):  # 0 is a mistake, not "every core"
+            Predictor("pretrained", threads=0)
     finally:
         torch.set_num_threads(before)
 

@@ -205,8 +205,9 @@ def cmd_nnunet(a) -> int:
         folder = nnunet.export_nnunet(a.data, a.out, splits, a.id, a.name, overwrite=a.overwrite)
         print(f"wrote {folder}")
         print(f"next: export nnUNet_raw={Path(a.out).resolve()} nnUNet_preprocessed=... nnUNet_results=...; "
-              f"nnUNetv2_plan_and_preprocess -d {a.id} --verify_dataset_integrity; copy "
-              f"{folder.name}/splits_final.json into nnUNet_preprocessed/{folder.name}/; nnUNetv2_train {a.id} 2d 0")
+              f"nnUNetv2_plan_and_preprocess -d {a.id} -c 2d --verify_dataset_integrity; copy "
+              f"{folder.name}/splits_final.json into nnUNet_preprocessed/{folder.name}/; "
+              f"python -m spineseg.nnunet_cli nnUNetv2_train {a.id} 2d 0 -device cpu")
     else:
         out = nnunet.import_nnunet(a.pred_dir, a.out, a.name, overwrite=a.overwrite)
         print(f"imported into {out}/pred; evaluate with: spineseg evaluate --pred {out}/pred --gt DATA --out {out}/eval")
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=512, help="image size in pixels (without --randomize)")
     s.add_argument("--spacing", type=float, default=0.3906, help="pixel spacing in mm (without --randomize)")
     s.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same files, byte for byte")
-    s.add_argument("--contrast", default="t2", help="t2 (default), t2fs, water, fat, t1, random or mixed")
+    s.add_argument("--contrast", default="t2", help="t2, t2fs, water, fat, t1, random or mixed")
     s.add_argument("--preview", help="write a PNG grid of slices with label outlines")
     s.add_argument("--randomize", action="store_true",
                    help="domain randomisation per slice: contrast, field of view 180-420 mm, pixel size, blur, noise, "
@@ -289,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=512, help="network input size in pixels")
     s.add_argument("--target-spacing", type=float, default=None, help="working resolution in mm (default: fit ROI)")
     s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
-    s.add_argument("--cache", default=None, help="cache folder (default $SPINESEG_CACHE or ~/.cache/spineseg)")
+    s.add_argument("--cache", default=None, help="cache folder ($SPINESEG_CACHE if set, else ~/.cache/spineseg/preprocessed)")
     s.add_argument("--preview", help="write a PNG of preprocessed slices")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_preprocess)
@@ -340,18 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", choices=["torch", "onnx"], default=None,
                    help="torch or onnxruntime (fp32, CPU); default: onnx for an .onnx model, else torch")
     s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: autocast, only where the processor has native bfloat16 (default fp32)")
-    s.add_argument("--batch-size", type=int, default=1, help="slices per network call (default 1)")
+                   help="bf16: autocast, only where the processor has native bfloat16")
+    s.add_argument("--batch-size", type=int, default=1, help="slices per network call")
     s.add_argument("--threads", type=int, default=None, help="CPU threads (default: every available core)")
     s.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
     s.add_argument("--postprocess", choices=list(POSTPROCESS), default=DEFAULT_POSTPROCESS,
-                   help="keep the largest connected region of each structure (default) or nothing")
+                   help="anatomical rules (body nearest the canal, one lamina per side), each structure's largest region, or none (raw)")
     s.add_argument("--dicom-seg", action="store_true", help="also write {name}.seg.dcm for DICOM inputs")
     s.add_argument("--report", action="store_true", help="also write a self-contained report.html")
     s.add_argument("--stenosis-area", default="100,75", metavar="REL,ABS",
-                   help="canal area thresholds (mm2) of relative / absolute stenosis (default 100,75; research only)")
+                   help="canal area thresholds (mm2) of relative / absolute stenosis (research only)")
     s.add_argument("--stenosis-ap", default="12,10", metavar="REL,ABS",
-                   help="canal AP diameter thresholds (mm) of relative / absolute stenosis (default 12,10)")
+                   help="canal AP diameter thresholds (mm) of relative / absolute stenosis (research only)")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_predict)
 
@@ -405,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="length of the nnunet row (nnUNetTrainer_<N>epochs); default: the longest that fits the budget")
     s.add_argument("--reference", help="row the p-values refer to (default: spineseg if present, else the last)")
     s.add_argument("--postprocess", choices=list(POSTPROCESS), default=DEFAULT_POSTPROCESS,
-                   help="keep the largest connected region of each structure (default) or nothing")
+                   help="anatomical rules (body nearest the canal, one lamina per side), each structure's largest region, or none (raw)")
     s.add_argument("--seed", type=int, default=0, help="random seed of every training run")
     s.add_argument("--out", required=True, help="experiment folder (runs, predictions, evaluations, comparison)")
     s.add_argument("--quiet", action="store_true", help="no progress output")
@@ -461,7 +462,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default (where it has one worth showing)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+        d = action.default
+        if d is None or d is False or d == [] or d is argparse.SUPPRESS or "%(default)" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

@@ -56,7 +56,7 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
     if budget_minutes is None and epochs is None:
         raise SpinesegError("give --budget-minutes or --epochs (an equal budget for every model)")
     overrides = {"train": {}}
-    if budget_minutes is not None:  # the schedule then follows the elapsed fraction of the budget
+    if budget_minutes is not None:  # the schedule follows whichever is further along: epochs / schedule_epochs or the elapsed fraction of the budget
         overrides["train"].update(max_minutes=float(budget_minutes), epochs=epochs or 100000)
     else:  # the learning rate decays over exactly the epoch budget
         overrides["train"].update(epochs=int(epochs), max_minutes=None, schedule_epochs=int(epochs))

@@ -127,7 +127,7 @@ def make_engine(loaded: LoadedModel, engine: str | None = None, device: str = "a
         raise SpinesegError(f"engine must be one of {ENGINES}")
     if precision not in PRECISIONS:
         raise SpinesegError(f"precision must be one of {PRECISIONS}")
-    threads = threads or available_cores()
+    threads = available_cores() if threads is None else int(threads)
     if threads < 1:
         raise SpinesegError(f"--threads must be at least 1 (got {threads})")
     if engine == "onnx":

@@ -103,7 +103,7 @@ class Predictor:
         self.config = loaded.config
         self.pp = PreprocessConfig.from_dict(loaded.preprocess)
         self.name = loaded.name
-        self.threads = threads or available_cores()
+        self.threads = available_cores() if threads is None else int(threads)
         self.engine = make_engine(loaded, engine, device, precision, self.threads, require_native_bf16)
 
     @property

@@ -226,8 +226,8 @@ def read_image(path: str | Path, spacing: float | None = None, kind: str = "imag
     grids = _read_grids(path, spacing)
     if len(grids) > 1:
         raise SpinesegError(f"holds {len(grids)} image stacks (DICOM slabs or series differing in orientation, "
-                            "position, image type or echo); this step reads one stack: spineseg predict and "
-                            "spineseg info handle every stack", path)
+                            "position, image type or echo); this step reads one stack: spineseg predict, "
+                            "spineseg info and spineseg sanity handle every stack", path)
     return _image(grids[0], path, kind)
 
 

@@ -74,8 +74,8 @@ class DomainAdversary:
     def generator_loss(self, target_probs: torch.Tensor) -> torch.Tensor:
         for p in self.critic.parameters():
             p.requires_grad_(False)
-        try:
-            return generator_adv_loss(self.objective, self.critic, None, target_probs)
+        try:  # past a DDP wrapper, as in Adversary.generator_loss
+            return generator_adv_loss(self.objective, getattr(self.critic, "module", self.critic), None, target_probs)
         finally:
             for p in self.critic.parameters():
                 p.requires_grad_(True)
