@@ -41,6 +41,9 @@ def test_evaluate_folders_and_reports(pred_gt, tmp_path):
     back = read_per_slice(tmp_path / "ev" / "per_slice.csv")
     assert len(back) == 18 and set(back[0]) >= {"case", "structure", "dice", "iou", "ppv", "sensitivity", "hd", "hd95"}
     assert summ["lamina"]["dice"] < 1.0 and summ["vertebral_body"]["dice"] == pytest.approx(1.0)
+    written = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert written["slices"] == 6
+    assert written["structures"]["lamina"]["dice"] == pytest.approx(np.mean([r["dice"] for r in lam]))
 
 
 def test_missing_prediction_is_an_error_naming_it(pred_gt, capsys, tmp_path):

@@ -187,6 +187,10 @@ def write_reports(rows: list[dict], out: str | Path, title: str = "") -> dict:
         cells = [f"{_fmt(s[m])} ± {_fmt(s[m + '_std'])}" if s[m] is not None else "–" for m in METRICS]
         md.append(f"| {name} | " + " | ".join(cells) + f" | {s['n']} | {s['skipped_absent_both']} | {s['hd_missing']} |")
     atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
+    # JSON, for results files that other tools read
+    atomic_write_text(out / "summary.json", json.dumps(
+        {"slices": n_slices, "patients": len(known) if known else None, "title": title,
+         "structures": {name: summ[name] for name in STRUCTURES}}, indent=1) + "\n")
     # LaTeX
     tex = [r"\begin{tabular}{lcccccc}", r"\hline",
            r"Structure & Dice & IoU & PPV & Sensitivity & HD (mm) & HD95 (mm) \\", r"\hline"]
