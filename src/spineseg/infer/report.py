@@ -155,7 +155,7 @@ def report_html(sections: list[dict], run: dict, thresholds: StenosisThresholds,
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>spineseg report</title><style>{_CSS}</style>"
              "</head><body>",
              "<h1>spineseg prediction report</h1>",
-             f"<p class='note'>{len(sections)} cases, written {html.escape(datetime.datetime.now().isoformat(timespec='seconds'))}."
+             f"<p class='note'>{len(sections)} case{'' if len(sections) == 1 else 's'}, written {html.escape(datetime.datetime.now().isoformat(timespec='seconds'))}."
              " Stenosis flags are for research only, not for diagnosis: <b>absolute</b> where the canal area is below "
              f"{t.absolute_area_mm2:g} mm² or its AP diameter below {t.absolute_ap_mm:g} mm, <b>relative</b> below "
              f"{t.relative_area_mm2:g} mm² or {t.relative_ap_mm:g} mm (area: Bolender et al. 1985, Hamanishi et al. "
