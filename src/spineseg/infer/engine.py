@@ -117,9 +117,9 @@ class OnnxEngine:
 
 
 def make_engine(loaded: LoadedModel, engine: str | None = None, device: str = "auto", precision: str = "fp32",
-                threads: int | None = None, require_native_bf16: bool = True):
-    """The named engine over ``loaded`` (None: onnx for an ONNX file, torch for a checkpoint); ``threads``
-    CPU threads (default: every available core)."""
+                threads: int = 1, require_native_bf16: bool = True):
+    """The named engine over ``loaded`` (None: onnx for an ONNX file, torch for a checkpoint) on ``threads``
+    CPU threads (the Predictor resolves its every-core default)."""
     from ..models.checkpoint import pick_device
 
     engine = engine or ("onnx" if loaded.onnx is not None else "torch")
@@ -127,7 +127,6 @@ def make_engine(loaded: LoadedModel, engine: str | None = None, device: str = "a
         raise SpinesegError(f"engine must be one of {ENGINES}")
     if precision not in PRECISIONS:
         raise SpinesegError(f"precision must be one of {PRECISIONS}")
-    threads = available_cores() if threads is None else int(threads)
     if threads < 1:
         raise SpinesegError(f"--threads must be at least 1 (got {threads})")
     if engine == "onnx":
