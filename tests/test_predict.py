@@ -190,3 +190,22 @@ def test_predict_writes_measurements_per_slice_and_readable_log_lines(tmp_path, 
     assert all(r["stenosis"] in ("relative", "absolute") and 100 < float(r["canal_area_mm2"]) < 300 for r in rows)
     assert (out / "measurements_summary.csv").read_text().count("\n") == 2  # the volume only
     assert (out / "overlays" / "volume.png").exists()
+
+
+def test_flip_tta_is_left_right_equivariant_and_none_is_one_pass():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 1, 64, 64)).astype(np.float32)
+    x[1] = x[0] * 0.5 + rng.normal(size=(1, 64, 64)) * 0.5  # two different slices in one batch
+    flip = Predictor("pretrained", threads=1, tta="flip")
+    p = flip.batch_probabilities(x)
+    assert np.allclose(p.sum(1), 1.0, atol=1e-5)
+    # the mirror image's prediction is the mirrored prediction (left-right only: not up-down) ...
+    assert np.allclose(flip.batch_probabilities(x[..., ::-1]), p[..., ::-1], atol=1e-5)
+    assert not np.allclose(flip.batch_probabilities(x[..., ::-1, :]), p[..., ::-1, :], atol=1e-3)
+    # ... the mean of the two passes, slice by slice, which one network pass is not
+    once = Predictor("pretrained", threads=1, tta="none")
+    single, mirrored = once.batch_probabilities(x), once.batch_probabilities(x[..., ::-1])[..., ::-1]
+    assert not np.allclose(single, mirrored, atol=1e-3)
+    assert np.allclose(p, 0.5 * (single + mirrored), atol=1e-5)
+    with pytest.raises(SpinesegError, match="tta must be one of"):
+        Predictor("pretrained", tta="rotate")

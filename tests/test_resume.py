@@ -217,3 +217,30 @@ def test_unlabeled_images_add_a_domain_critic_and_resume_exactly(small_phantom, 
     with pytest.raises(SpinesegError, match="domain_weight is 0"):
         Trainer(small_phantom, "unet", tmp_path / "zero", overrides=TINY, sets={"train": {"domain_weight": 0.0}},
                 progress=False, cache=tmp_path / "cache", unlabeled=unlabeled)
+
+
+def test_init_starts_a_new_run_from_a_checkpoints_weights(small_phantom, tmp_path):
+    src = _train(small_phantom, tmp_path / "src", 2)  # adversarial in epoch 2: the checkpoint has a trained critic
+    ck = load_checkpoint(tmp_path / "src" / "last.pt")
+    fresh = Trainer(small_phantom, "spineseg", tmp_path / "fresh", overrides=TINY, progress=False,
+                    cache=tmp_path / "cache", seed=5)
+    tuned = Trainer(small_phantom, "spineseg", tmp_path / "tuned", overrides=TINY, progress=False,
+                    cache=tmp_path / "cache", seed=5, init=tmp_path / "src" / "last.pt")
+    for part, trainer in (("model", tuned.model), ("critic", tuned.critic)):
+        state = trainer.state_dict()
+        assert all(torch.equal(state[k], ck[part][k]) for k in state), part
+    assert not all(torch.equal(v, fresh.model.state_dict()[k]) for k, v in tuned.model.state_dict().items())
+    # a new run: epoch 0, fresh optimiser, the source recorded
+    assert tuned.epoch == 0 and not tuned.opt.state
+    assert tuned.cfg["run"]["init"]["loaded"] == ["network", "critic"]
+    assert src.cfg["run"].get("init") is None
+
+
+def test_init_refuses_another_network_and_resume(small_phantom, tmp_path):
+    _train(small_phantom, tmp_path / "src", 1)
+    with pytest.raises(SpinesegError, match=r"model\.base is 4 in the checkpoint but 8"):
+        Trainer(small_phantom, "spineseg", tmp_path / "wide", overrides={**TINY, "model": {"base": 8, "clusters": 8}},
+                progress=False, cache=tmp_path / "cache", init=tmp_path / "src" / "best.pt")
+    with pytest.raises(SpinesegError, match="--init starts a new run"):
+        Trainer(None, None, tmp_path / "src", resume=True, progress=False, init=tmp_path / "src" / "best.pt")
+    assert not (tmp_path / "wide" / "last.pt").exists()

@@ -90,7 +90,7 @@ def cmd_train(a) -> int:
         res = train(data=a.data, model=a.model, out=a.out, config=a.config, fold=a.fold, split=a.split,
                     resume=a.resume, seed=a.seed, device=a.device, cache=a.cache, splits_file=a.splits,
                     progress=not a.quiet, sets=sets, case_is_patient=a.case_is_patient,
-                    unlabeled=a.unlabeled, unlabeled_spacing=a.unlabeled_spacing)
+                    unlabeled=a.unlabeled, unlabeled_spacing=a.unlabeled_spacing, init=a.init)
     if ranks.is_main:
         print(json.dumps(res))
         print(f"checkpoints: {Path(a.out) / 'best.pt'} (best validation Dice), {Path(a.out) / 'last.pt'}")
@@ -116,7 +116,7 @@ def cmd_predict(a) -> int:
     res = predict_run(checkpoint, inputs, a.out, spacing=a.spacing, device=a.device, overlays=not a.no_overlays,
                       progress=not a.quiet, postprocess=a.postprocess, engine=a.engine, precision=a.precision,
                       batch_size=a.batch_size, threads=a.threads, dicom_seg=a.dicom_seg, report=a.report,
-                      thresholds=thresholds)
+                      thresholds=thresholds, tta=a.tta)
     print(f"wrote {len(res.written)} label maps to {a.out}" + (f"; {len(res.errors)} inputs failed" if res.errors else ""))
     print("measurements: " + ", ".join(str(p) for p in res.measurements))
     for s in res.summaries:
@@ -225,7 +225,7 @@ def cmd_sanity(a) -> int:
             assert len(slices) == 2
         except (ValueError, AssertionError):
             raise SpinesegError(f"--slices must look like a:b (got {a.slices!r})") from None
-    pred = Predictor(a.model, device=a.device, postprocess=a.postprocess)
+    pred = Predictor(a.model, device=a.device, postprocess=a.postprocess, tta=a.tta)
     rep = run_sanity(pred, a.input, a.out, spacing=a.spacing, slices=slices, progress=not a.quiet)
     for r in rep["rows"]:
         if not (r["order_raw"] and r["order_post"]):
@@ -255,6 +255,13 @@ def cmd_bench(a) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- parser
+
+def _add_tta(s) -> None:
+    # the choices of spineseg.infer.predict.TTA (not imported here: it would load torch for --help)
+    s.add_argument("--tta", choices=["flip", "none"], default="flip",
+                   help="flip: average each slice's prediction with its left-right mirror image's (twice the network "
+                   "time); none: one network pass")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spineseg", description="Segmentation of axial lumbar spine MRI: "
@@ -320,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(weight train.domain_weight)")
     s.add_argument("--unlabeled-spacing", type=float, default=None,
                    help="pixel spacing (mm) of unlabelled PNG / TIFF images")
+    s.add_argument("--init", metavar="CHECKPOINT", default=None,
+                   help="fine-tune: start from this checkpoint's weights (RUN/best.pt, a packed model, or "
+                   "'pretrained'; same network config), with fresh optimisers and schedule")
     s.add_argument("--out", required=True, help="run folder (checkpoints, log.csv, tb/)")
     s.add_argument("--resume", action="store_true", help="continue OUT/last.pt; only train.epochs and "
                    "train.max_minutes may change (through --set)")
@@ -347,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
     s.add_argument("--postprocess", choices=list(POSTPROCESS), default=DEFAULT_POSTPROCESS,
                    help="anatomical rules (body nearest the canal, one lamina per side), each structure's largest region, or none (raw)")
+    _add_tta(s)
     s.add_argument("--dicom-seg", action="store_true", help="also write {name}.seg.dcm for DICOM inputs")
     s.add_argument("--report", action="store_true", help="also write a self-contained report.html")
     s.add_argument("--stenosis-area", default="100,75", metavar="REL,ABS",
@@ -438,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slices", help="only slices a:b of each volume")
     s.add_argument("--postprocess", choices=list(POSTPROCESS), default=DEFAULT_POSTPROCESS,
                    help="post-processing checked beside the raw prediction")
+    _add_tta(s)
     s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run the network")
     s.add_argument("--quiet", action="store_true", help="no progress output")

@@ -27,24 +27,14 @@ from ..preprocess.morphology import largest_component
 from ..preprocess.pipeline import MIN_SIDE_PX, PreprocessConfig, body_outline, preprocess_slice, probabilities_to_labels
 from ..progress import progress as progress_bar
 from .engine import available_cores, load_for_inference, make_engine
+from ..models.checkpoint import PRETRAINED, resolve_checkpoint  # noqa: F401  (re-exported)
 from .postprocess import DEFAULT_POSTPROCESS, POSTPROCESS, anatomical_postprocess
 from .measure import StenosisThresholds, measure_image, narrowest, write_measurements
 
-PRETRAINED = "pretrained"
 NNUNET_IMAGE_FOLDERS = ("imagesTr", "imagesTs")  # where a trailing _0000 is nnU-Net's channel suffix
+TTA = ("flip", "none")
+DEFAULT_TTA = "flip"
 CONTENT_CHECK_SIDE = 128  # pixels: the body-outline check looks at slices subsampled to about this size
-
-
-def resolve_checkpoint(name: str | Path) -> Path:
-    """``pretrained`` names the small phantom-trained model shipped inside the package."""
-    if str(name) == PRETRAINED:
-        from importlib import resources
-
-        p = Path(str(resources.files("spineseg") / "pretrained" / "spineseg-phantom.pt"))
-        if not p.exists():
-            raise SpinesegError("the pretrained model is not installed with this package", p)
-        return p
-    return Path(name)
 
 
 def postprocess_labels(labels: np.ndarray, method: str = DEFAULT_POSTPROCESS, spacing=None) -> np.ndarray:
@@ -87,14 +77,19 @@ class Predictor:
     ``onnx`` for an exported ``.onnx`` file, ``torch`` for a checkpoint).
 
     ``threads``: CPU threads (default: every core this process may use); ``batch_size``: slices per
-    network call; ``precision``: ``fp32`` or ``bf16`` (torch engine, where the processor has native bf16).
+    network call; ``precision``: ``fp32`` or ``bf16`` (torch engine, where the processor has native bf16);
+    ``tta``: ``flip`` (default) averages the class probabilities of each slice and of its left-right mirror
+    image (test-time mirroring, as nnU-Net does by default; twice the network time), ``none`` runs the network once.
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", threads: int | None = None,
                  postprocess: str = DEFAULT_POSTPROCESS, engine: str | None = None, precision: str = "fp32", batch_size: int = 1,
-                 require_native_bf16: bool = True):
+                 require_native_bf16: bool = True, tta: str = DEFAULT_TTA):
         if postprocess not in POSTPROCESS:
             raise SpinesegError(f"postprocess must be one of {POSTPROCESS}")
+        if tta not in TTA:
+            raise SpinesegError(f"tta must be one of {TTA} (got {tta!r})")
+        self.tta = tta
         if batch_size < 1:
             raise SpinesegError(f"--batch-size must be at least 1 (got {batch_size})")
         self.postprocess, self.batch_size = postprocess, int(batch_size)
@@ -115,12 +110,21 @@ class Predictor:
         """What produced the predictions: model, engine and preprocessing (for reports)."""
         return {"checkpoint": str(self.source), "model_name": self.name, "model": self.config.get("model", {}),
                 "preprocess": self.pp.to_dict(), "engine": self.engine.name, "precision": self.engine.precision,
-                "threads": self.threads, "batch_size": self.batch_size, "postprocess": self.postprocess,
+                "threads": self.threads, "batch_size": self.batch_size, "postprocess": self.postprocess, "tta": self.tta,
                 "spineseg": __version__}
+
+    def batch_probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(B, C, S, S)`` of preprocessed slices ``(B, 1, S, S)``; with ``tta="flip"`` the
+        mean of the slices' and their mirror images' (mirrored back), in one network call."""
+        if self.tta == "none":
+            return _softmax(self.engine.logits(batch))
+        n = len(batch)
+        probs = _softmax(self.engine.logits(np.concatenate([batch, batch[..., ::-1]])))
+        return 0.5 * (probs[:n] + probs[n:, ..., ::-1])
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities ``(C, S, S)`` of one preprocessed slice ``(S, S)``."""
-        return _softmax(self.engine.logits(x[None, None]))[0]
+        return self.batch_probabilities(x[None, None])[0]
 
     def raw_slice(self, img2d: np.ndarray, spacing) -> np.ndarray:
         """The argmax label map of one slice on its own grid, before post-processing."""
@@ -146,7 +150,7 @@ class Predictor:
             for batch in progress_bar(batches, desc="slices", unit="batch", disable=not progress, leave=False,
                                       log_lines=False):
                 prepared = list(pool.map(lambda s: preprocess_slice(image.data[s], image.spacing, self.pp), batch))
-                probs = _softmax(self.engine.logits(np.stack([x for x, _, _ in prepared])[:, None]))
+                probs = self.batch_probabilities(np.stack([x for x, _, _ in prepared])[:, None])
                 geometries = [geometry for _, _, geometry in prepared]
                 for s, labels in zip(batch, pool.map(probabilities_to_labels, probs, geometries)):
                     out[s] = labels
@@ -251,7 +255,7 @@ class PredictResult:
 def predict_run(checkpoint, inputs, out, spacing: float | None = None, device: str = "auto", overlays: bool = True,
                 progress: bool = True, postprocess: str = DEFAULT_POSTPROCESS, engine: str | None = None, precision: str = "fp32",
                 batch_size: int = 1, threads: int | None = None, dicom_seg: bool = False, report: bool = False,
-                thresholds: StenosisThresholds = StenosisThresholds()) -> PredictResult:
+                thresholds: StenosisThresholds = StenosisThresholds(), tta: str = DEFAULT_TTA) -> PredictResult:
     """Everything ``spineseg predict`` writes; see the module docstring."""
     out = Path(out)
     planned = plan_outputs(collect_inputs(inputs))
@@ -259,7 +263,7 @@ def predict_run(checkpoint, inputs, out, spacing: float | None = None, device: s
         raise SpinesegError("no inputs to predict")
     check_output_folder(out)
     predictor = Predictor(checkpoint, device, threads=threads, postprocess=postprocess, engine=engine,
-                          precision=precision, batch_size=batch_size)
+                          precision=precision, batch_size=batch_size, tta=tta)
     out.mkdir(exist_ok=True)
     res, rows, sections = PredictResult(), [], []
     for path, name in progress_bar(planned, desc="predict", unit="input", disable=not progress):

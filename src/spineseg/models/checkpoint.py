@@ -16,6 +16,21 @@ from ..io.atomic import atomic_path
 from .registry import build_model
 
 
+PRETRAINED = "pretrained"
+
+
+def resolve_checkpoint(name: str | Path) -> Path:
+    """``pretrained`` names the small phantom-trained model shipped inside the package."""
+    if str(name) == PRETRAINED:
+        from importlib import resources
+
+        p = Path(str(resources.files("spineseg") / "pretrained" / "spineseg-phantom.pt"))
+        if not p.exists():
+            raise SpinesegError("the pretrained model is not installed with this package", p)
+        return p
+    return Path(name)
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -20,6 +20,7 @@ NCCL); only the single-process resume is.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -34,7 +35,7 @@ from ..data.dataset import make_loader
 from ..data.splits import write_splits
 from ..errors import SpinesegError
 from ..io.atomic import atomic_write_text, remove_stale_temporaries
-from ..models.checkpoint import load_checkpoint, model_from_config, save_checkpoint
+from ..models.checkpoint import load_checkpoint, model_from_config, resolve_checkpoint, save_checkpoint
 from ..models.critic import Critic
 from ..overlap import dice_per_structure
 from ..preprocess.pipeline import PreprocessCache, PreprocessConfig
@@ -88,12 +89,16 @@ class Trainer:
                  fold: int | None = None, split: str | None = None, resume: bool = False, seed: int | None = None,
                  device: str = "auto", cache: str | Path | None = None, overrides: dict | None = None,
                  progress: bool = True, splits_file: str | Path | None = None, sets: dict | None = None,
-                 case_is_patient: bool = False, unlabeled: list | None = None, unlabeled_spacing: float | None = None):
+                 case_is_patient: bool = False, unlabeled: list | None = None, unlabeled_spacing: float | None = None,
+                 init: str | Path | None = None):
         self.out = Path(out)
         self.ranks = current_ranks()  # several processes under torchrun (see `train.distributed`)
         self.progress = progress and self.ranks.is_main
         self.finished_before = False
         ck = None
+        if resume and init is not None:
+            raise SpinesegError("--init starts a new run from a checkpoint's weights; a resumed run already has its "
+                                "own (drop --init or --resume)", init)
         if resume:
             if not (self.out / "last.pt").exists():
                 raise SpinesegError("--resume given but the run has no last.pt", self.out)
@@ -164,6 +169,8 @@ class Trainer:
         self.pending_row = None
         if ck is not None:
             self._load_state(ck)
+        elif init is not None:
+            self._warm_start(init)
 
     def _load_unlabeled(self, run: dict, resume: bool, cache: PreprocessCache) -> list:
         """Preprocessed unlabelled real slices for domain adaptation ([] when the run has none)."""
@@ -256,6 +263,38 @@ class Trainer:
         self.rng, self.rng_ranks = ck.get("rng"), ck.get("rng_ranks")
         self.pending_row = ck.get("log_row")
         self.finished_before = self.epoch >= self.cfg["train"]["epochs"]
+
+    def _warm_start(self, init: str | Path) -> None:
+        """Fine-tuning: start from the network weights of a checkpoint (a run's best.pt / last.pt, a packed
+        model, or ``pretrained``), and from its critics where it has them and they fit; optimisers, epoch and
+        learning-rate schedule start afresh. The architecture must be the same."""
+        src = resolve_checkpoint(init)
+        ck = load_checkpoint(src)
+        stored = {"model": dict(ck["config"]["model"])}
+        diffs = config_differences(stored, {"model": self.cfg["model"]})
+        if diffs:
+            d = diffs[0]
+            raise SpinesegError(f"--init: {d} is {describe_value(stored, d)!r} in the checkpoint but "
+                                f"{describe_value(self.cfg, d)!r} in this run's config; fine-tuning needs the same "
+                                "network (pass the --config it was trained with)", src)
+        self.model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["model"].items()})
+        loaded = ["network"]
+        for name, net in (("critic", self.critic), ("domain_critic", self.domain_critic)):
+            weights = ck.get(name)
+            if net is None or weights is None:
+                continue
+            mine = net.state_dict()
+            if set(weights) == set(mine) and all(weights[k].shape == mine[k].shape for k in mine):
+                net.load_state_dict(weights)
+                loaded.append(name)
+        if ck["preprocess"] != self.pp.to_dict() and self.ranks.is_main:
+            print(f"note: --init {src} was trained with other preprocessing than this run's config "
+                  f"({', '.join(config_differences(ck['preprocess'], self.pp.to_dict()))})", flush=True)
+        self.cfg["run"]["init"] = {"checkpoint": str(Path(src).resolve()), "sha256": hashlib.sha256(Path(src).read_bytes()).hexdigest(),
+                                   "loaded": loaded}
+        if self.ranks.is_main and self.progress:
+            print(f"fine-tuning from {src}: {', '.join(loaded)} loaded; optimisers and schedule start afresh",
+                  flush=True)
 
     # ------------------------------------------------------------------ loop
     def _set_lr(self, factor: float) -> float:
