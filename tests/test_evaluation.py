@@ -174,3 +174,20 @@ def test_nnunet_verify_dataset_integrity(small_phantom, tmp_path):
     r = subprocess.run([exe, "-d", "503", "--verify_dataset_integrity", "-c", "2d",
                         "-np", "1"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_demo_dice_by_slice_position(tmp_path):
+    from spineseg.demo import by_position
+
+    (tmp_path / "cases.csv").write_text("case,patient,position\nA,P0,disc\nB,P0,pedicle\nC,P1,disc\n")
+    body = lambda d: {"dice": d}  # noqa: E731
+    rows = [{"case": "A", "slice": 0, "vertebral_body": body(0.0), "vertebral_foramen": body(0.8), "lamina": None},
+            {"case": "C", "slice": 0, "vertebral_body": None, "vertebral_foramen": body(0.6), "lamina": body(0.5)},
+            {"case": "B", "slice": 0, "vertebral_body": body(0.9), "vertebral_foramen": body(0.7), "lamina": body(0.7)}]
+    out = by_position(rows, tmp_path / "cases.csv")
+    # the disc slice whose body is absent in truth and prediction is left out; the one with a false body counts 0
+    assert out["disc"]["vertebral_body"] == {"slices": 1, "dice": 0.0}
+    assert out["disc"]["vertebral_foramen"] == {"slices": 2, "dice": 0.7}
+    assert out["pedicle"]["vertebral_body"]["dice"] == 0.9 and "lamina" in out["disc"]
+    (tmp_path / "plain.csv").write_text("case,patient\nA,P0\n")
+    assert by_position(rows, tmp_path / "plain.csv") is None
