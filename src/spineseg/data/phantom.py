@@ -36,9 +36,11 @@ from ..anatomy import AREA_RANGES_MM2, area_range  # noqa: F401  (re-exported fo
 from ..preprocess.morphology import largest_component
 
 LEVELS = ("L1", "L2", "L3", "L4", "L5")
-# slice positions from the disc midplane upwards, and how often a slice falls in each
+# slice positions from the disc midplane upwards, and how often a slice falls in each. A disc (8-12 mm) is about
+# a quarter of a motion segment's height, and clinical axial blocks are angled through the discs, so a quarter
+# of the slices cut the disc (at 14 % the models learnt to label the disc as body: README, "Disc level")
 POSITIONS = ("disc", "endplate", "infrapedicular", "pedicle")
-POSITION_P = (0.14, 0.22, 0.24, 0.40)
+POSITION_P = (0.25, 0.20, 0.20, 0.35)
 CONTRASTS = ("t2", "t2fs", "water", "fat", "t1")
 
 # tissue codes of the tissue map
