@@ -5,7 +5,8 @@
     python benchmarks/bench_inference.py --compare-bf16 PHANTOM_DIR [--json ...]
 
 Rows ``{config, precision, engine, batch, what, seconds_per_slice, gflop}``: "network" times the
-network on a batch of preprocessed slices; "end to end" is ``Predictor.predict_both`` on a volume of
+network on a batch of preprocessed slices, once; "end to end" (with ``tta``: flip or none) is
+``Predictor.predict_both`` on a volume of
 ``batch`` phantom slices at 512 x 512 (wavelet denoising, CLAHE, ROI, resize, network, mapping the
 probabilities back, post-processing), per slice. ``seconds_per_slice`` is the median over the repeats,
 ``seconds_per_slice_min`` the fastest (what the machine does when nothing else competes). Weights are random (the same speed as trained ones).
@@ -112,16 +113,20 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
                         predictor.batch_size = batch
                         sub = _phantom_subvolume(volume, batch)
                         repeats = 1 if emulated else args.repeats
-                        for what, fn in (("network", lambda: predictor.engine.logits(x[:batch])),
-                                         ("end to end", lambda: predictor.predict_both(sub))):
+                        timed = [("network", None, lambda: predictor.engine.logits(x[:batch]))] + [
+                            ("end to end", tta, lambda: predictor.predict_both(sub)) for tta in args.tta]
+                        for what, tta, fn in timed:
                             if emulated and what == "end to end":
                                 continue
+                            predictor.tta = tta or "none"
                             seconds, fastest = (t / batch for t in _seconds(fn, repeats))
                             row = {"config": config, "input": size, "precision": precision, "engine": engine,
                                    "batch": batch, "what": what, "seconds_per_slice": round(seconds, 4),
                                    "seconds_per_slice_min": round(fastest, 4),
                                    "gflop": round(gflop, 2), "gflop_per_s": round(gflop / seconds, 1),
                                    "threads": predictor.threads, "load_1min": round(os.getloadavg()[0], 2)}
+                            if tta:
+                                row["tta"] = tta
                             if emulated:
                                 row["note"] = "emulated bf16 (no native bfloat16): predict refuses this"
                             rows.append(row)
@@ -131,7 +136,7 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
         if r["precision"] != "bf16":
             continue
         for f in rows:
-            if f["precision"] == "fp32" and all(f[k] == r[k] for k in ("config", "engine", "batch", "what")):
+            if f["precision"] == "fp32" and all(f.get(k) == r.get(k) for k in ("config", "engine", "batch", "what", "tta")):
                 ratios.append({k: r[k] for k in ("config", "engine", "batch", "what")}
                               | {"fp32_over_bf16": round(f["seconds_per_slice"] / r["seconds_per_slice"], 3),
                                  "native_bf16": native})
@@ -194,6 +199,8 @@ def main():
     ap.add_argument("--configs", nargs="+", default=["paper", "cpu-quick"])
     ap.add_argument("--engines", nargs="+", default=["torch", "onnx"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--tta", nargs="+", choices=["flip", "none"], default=["flip", "none"],
+                    help="test-time mirroring of the end-to-end rows (predict's default is flip)")
     ap.add_argument("--compare-bf16", metavar="PHANTOM_DIR", help="compare fp32 and bf16 labels on this data set")
     ap.add_argument("--cases", type=int, default=6, help="images of --compare-bf16 to use")
     ap.add_argument("--paper-size", type=int, default=128, help="input size of the paper architecture in --compare-bf16")

@@ -189,3 +189,22 @@ def test_dural_sac_fills_a_variable_part_of_the_canal(slices):
 
     sac_share = [np.isin(s.tissue[s.label == 2], (CSF, NERVE)).mean() for s in slices]
     assert min(sac_share) < 0.5 and max(sac_share) > 0.75, (min(sac_share), max(sac_share))
+
+
+def test_slice_position_shares():
+    from collections import Counter
+
+    from spineseg.data.phantom import POSITIONS, _plan_slice, check_positions
+
+    def shares(positions):
+        n = Counter(_plan_slice(0, p, k, 64, 3.0, positions=check_positions(positions))[0]["position"]
+                    for p in range(150) for k in range(4))
+        return np.array([n[pos] / 600 for pos in POSITIONS])
+
+    # the default: a quarter of the slices at the disc; the old mix on request (normalised)
+    assert np.allclose(shares((0.25, 0.20, 0.20, 0.35)), (0.25, 0.20, 0.20, 0.35), atol=0.05)
+    assert np.allclose(shares((14, 22, 24, 40)), (0.14, 0.22, 0.24, 0.40), atol=0.05)
+    only_disc = phantom_slice(3, 0, 0, size=128, spacing=1.5625, positions=(1, 0, 0, 0))
+    assert only_disc.meta["position"] == "disc" and not (only_disc.label == 1).any()
+    with pytest.raises(ValueError, match="non-negative"):
+        check_positions((0.5, -0.1, 0.3, 0.3))

@@ -19,7 +19,8 @@ def cmd_phantom(a) -> int:
 
     out = write_phantom_dataset(a.out, a.patients, a.slices_per_patient, size=a.size, spacing=a.spacing,
                                 seed=a.seed, contrast=a.contrast, preview=a.preview, overwrite=a.overwrite,
-                                progress=not a.quiet, randomize=a.randomize)
+                                progress=not a.quiet, randomize=a.randomize,
+                                **({"positions": a.positions} if a.positions else {}))
     print(f"wrote {a.patients * a.slices_per_patient} slices of {a.patients} virtual patients to {out}")
     if a.preview:
         print(f"preview: {a.preview}")
@@ -256,6 +257,13 @@ def cmd_bench(a) -> int:
 
 # ----------------------------------------------------------------------------------------------- parser
 
+def _shares(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _add_tta(s) -> None:
     # the choices of spineseg.infer.predict.TTA (not imported here: it would load torch for --help)
     s.add_argument("--tta", choices=["flip", "none"], default="flip",
@@ -282,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--randomize", action="store_true",
                    help="domain randomisation per slice: contrast, field of view 180-420 mm, pixel size, blur, noise, "
                         "bias, spine position (overrides --size, --spacing, --contrast)")
+    s.add_argument("--positions", type=_shares, default=None, metavar="D,E,I,P",
+                   help="shares of slices at the disc, the endplate, below the pedicles and through the pedicles, "
+                        "normalised (default 0.25,0.20,0.20,0.35; phantoms made before 2026-11-24 used "
+                        "0.14,0.22,0.24,0.40)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_phantom)

@@ -353,13 +353,23 @@ def _height_range(lp: dict, position: str) -> tuple[float, float]:
             "pedicle": (pedicle_bottom, pedicle_bottom + 12.0)}[position]
 
 
-def _plan_slice(seed, patient, k, size, spacing, offset=(0.0, 0.0)) -> tuple[dict, _Grid]:
+def check_positions(positions) -> tuple[float, ...]:
+    """Shares of slices at each of POSITIONS (disc, endplate, infrapedicular, pedicle): four non-negative
+    numbers, normalised to sum to 1."""
+    p = np.asarray(positions, float)
+    if p.shape != (len(POSITIONS),) or not np.all(np.isfinite(p)) or (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"positions must be {len(POSITIONS)} non-negative shares ({', '.join(POSITIONS)}), "
+                         f"not all 0 (got {positions!r})")
+    return tuple(float(x) for x in p / p.sum())
+
+
+def _plan_slice(seed, patient, k, size, spacing, offset=(0.0, 0.0), positions=POSITION_P) -> tuple[dict, _Grid]:
     """Every random choice of slice ``k`` (mm, no pixels), and the grid with its frames."""
     pp = _patient_params(seed, patient)
     level = int(pp["levels"][k % 5])
     lp = _level_params(seed, patient, level, pp)
     r = _rng(seed, patient, 1000 + k)
-    position = POSITIONS[int(r.choice(len(POSITIONS), p=POSITION_P))]
+    position = POSITIONS[int(r.choice(len(POSITIONS), p=positions))]
     lo, hi = _height_range(lp, position)
     a = {"pp": pp, "lp": lp, "level": level, "position": position, "height": float(r.uniform(lo, hi))}
     # canal: target area and shape; a disc protrusion indents it at disc-level slices
@@ -903,19 +913,20 @@ def randomization(seed: int, patient: int, k: int) -> dict:
 
 
 def phantom_slice(seed: int, patient: int, k: int, size: int = 512, spacing: float = 0.3906,
-                  contrast: str = "t2", randomize: bool = False) -> PhantomSlice:
+                  contrast: str = "t2", randomize: bool = False, positions=POSITION_P) -> PhantomSlice:
     """Slice ``k`` of virtual patient ``patient``: deterministic in all arguments.
 
     With ``randomize`` the contrast, matrix size, pixel spacing (field of view 180-420 mm), spine
     position, blur, noise, bias, coil profile and slice thickness come from :func:`randomization` and
-    ``size`` / ``spacing`` / ``contrast`` are ignored.
+    ``size`` / ``spacing`` / ``contrast`` are ignored. ``positions``: the shares of slices at each of
+    POSITIONS (default POSITION_P; see :func:`check_positions`).
     """
     offset = (0.0, 0.0)
     rz = None
     if randomize:
         rz = randomization(seed, patient, k)
         size, spacing, contrast, offset = rz["size"], rz["spacing"], rz["contrast"], rz["offset"]
-    a, g = _plan_slice(seed, patient, k, size, spacing, offset)
+    a, g = _plan_slice(seed, patient, k, size, spacing, offset, check_positions(positions))
     soft = _paint_soft_tissue(g, a)
     T, L = _paint(g, a, _cut_at(a["lp"], a["height"]), soft)
     sc = _scanner_params(seed, a["pp"]["scanner"])
