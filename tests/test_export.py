@@ -6,6 +6,10 @@ from spineseg.cli import main
 from spineseg.infer.predict import Predictor, resolve_checkpoint
 from spineseg.models.checkpoint import load_checkpoint
 
+# the slice-position mix these tests' slices were chosen under (phantom default before 2026-11-24): the same
+# seeds give the same slices, each with a vertebral body
+BEFORE_DISC_CHANGE = (0.14, 0.22, 0.24, 0.40)
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
@@ -21,7 +25,7 @@ def phantom_input():
     from spineseg.data.phantom import phantom_slice
     from spineseg.preprocess.pipeline import PreprocessConfig, preprocess_slice
 
-    s = phantom_slice(0, 4, 1, size=256, spacing=0.9)
+    s = phantom_slice(0, 4, 1, size=256, spacing=0.9, positions=BEFORE_DISC_CHANGE)
     pp = PreprocessConfig.from_dict(load_checkpoint(resolve_checkpoint("pretrained"))["preprocess"])
     return s, preprocess_slice(s.image, s.spacing, pp)[0]
 

@@ -5,6 +5,10 @@ from spineseg.data.phantom import phantom_slice
 from spineseg.preprocess.pipeline import (PreprocessCache, PreprocessConfig, inverse_geometry, preprocess_slice,
                                           probabilities_to_labels)
 
+# the slice-position mix these tests' slices were chosen under (phantom default before 2026-11-24): the same
+# seeds give the same slices, each with a vertebral body
+BEFORE_DISC_CHANGE = (0.14, 0.22, 0.24, 0.40)
+
 
 def _dice(a, b):
     return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
@@ -13,7 +17,7 @@ def _dice(a, b):
 @pytest.mark.parametrize("cfg", [PreprocessConfig(target_size=512), PreprocessConfig(target_size=256),
                                  PreprocessConfig(target_size=192, target_spacing=1.0)])
 def test_label_forward_and_back(cfg):
-    s = phantom_slice(0, 4, 1, size=400, spacing=0.5)
+    s = phantom_slice(0, 4, 1, size=400, spacing=0.5, positions=BEFORE_DISC_CHANGE)
     img, lab, g = preprocess_slice(s.image, s.spacing, cfg, s.label)
     assert img.shape == lab.shape == (cfg.target_size, cfg.target_size)
     assert abs(float(img[lab > 0].mean())) < 5 and np.isfinite(img).all()
@@ -25,7 +29,7 @@ def test_label_forward_and_back(cfg):
 
 
 def test_probabilities_back_to_labels_is_at_least_as_good_as_nearest():
-    s = phantom_slice(0, 2, 0, size=400, spacing=0.5)
+    s = phantom_slice(0, 2, 0, size=400, spacing=0.5, positions=BEFORE_DISC_CHANGE)
     img, lab, g = preprocess_slice(s.image, s.spacing, PreprocessConfig(target_size=256), s.label)
     onehot = np.eye(4, dtype=np.float32)[lab].transpose(2, 0, 1)
     back = probabilities_to_labels(onehot, g)

@@ -10,12 +10,16 @@ from spineseg.data.phantom import phantom_slice
 from spineseg.eval.sanity import check_image, check_slice, display_to_world, plane_to_world, run_sanity
 from spineseg.io.images import _LPS_TO_RAS, Image, read_image, read_label, save_nifti, save_png, slice_affine
 
+# the slice-position mix these tests' slices were chosen under (phantom default before 2026-11-24): the same
+# seeds give the same slices, each with a vertebral body
+BEFORE_DISC_CHANGE = (0.14, 0.22, 0.24, 0.40)
+
 BODY, CANAL, LAMINA = 1, 2, 3
 
 
 def _truth(patient=1, k=2, size=160, spacing=1.25):
     """A phantom slice (pedicle level by default) and the world plane of its display grid."""
-    s = phantom_slice(0, patient, k, size=size, spacing=spacing)
+    s = phantom_slice(0, patient, k, size=size, spacing=spacing, positions=BEFORE_DISC_CHANGE)
     a = slice_affine(s.spacing)
     return s, np.column_stack([a[:3, 1], a[:3, 0], a[:3, 3]])  # (row, col, 1) -> RAS mm
 

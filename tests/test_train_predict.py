@@ -53,7 +53,7 @@ def test_saved_model_predicts_like_the_trained_one(trained, small_phantom):
         probs = torch.softmax(trainer.model(torch.from_numpy(x)[None, None]), 1)[0].numpy()
     expected = probabilities_to_labels(probs, g)
     # ... and the same model written to last.pt and loaded back for inference
-    got = Predictor(out / "last.pt", postprocess="none").predict_volume(img)[0]
+    got = Predictor(out / "last.pt", postprocess="none", tta="none").predict_volume(img)[0]
     assert np.array_equal(got, expected)
     assert (expected > 0).any()
 
