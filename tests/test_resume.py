@@ -244,3 +244,14 @@ def test_init_refuses_another_network_and_resume(small_phantom, tmp_path):
     with pytest.raises(SpinesegError, match="--init starts a new run"):
         Trainer(None, None, tmp_path / "src", resume=True, progress=False, init=tmp_path / "src" / "best.pt")
     assert not (tmp_path / "wide" / "last.pt").exists()
+
+
+def test_validation_every_n_epochs_and_always_after_the_last(small_phantom, tmp_path):
+    t = Trainer(small_phantom, "unet", tmp_path / "r", overrides=TINY, progress=False, cache=tmp_path / "cache",
+                sets={"train": {"epochs": 3, "val_every": 2, "adversarial": "none"}})
+    t.fit()
+    with open(tmp_path / "r" / "log.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert [r["val_dice_mean"] != "" for r in rows] == [False, True, True]  # epoch 2 by the rule, 3 as the last
+    assert load_checkpoint(tmp_path / "r" / "best.pt")["epoch"] in (2, 3)

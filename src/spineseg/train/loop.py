@@ -422,11 +422,16 @@ class Trainer:
                     break
                 row, drawn = self._train_epoch(self._set_lr(lr_factor(tc, self.epoch, elapsed)))
                 self.epoch += 1
-                val = self._validate(val_loader)
-                mean = float(np.nanmean(val))
+                # validate every `val_every` epochs and always after the last one (the last that fits the cap)
+                now = ranks.broadcast(time.perf_counter() - t_start)
+                last = self.epoch >= tc["epochs"] or bool(cap and now + (now - elapsed) >= cap)
+                validated = self.epoch % tc["val_every"] == 0 or last
+                val = self._validate(val_loader) if validated else np.full(len(STRUCTURES), np.nan)
+                mean = float(np.nanmean(val)) if validated else math.nan
                 self.elapsed = time.perf_counter() - t_start
-                row.update({"epoch": self.epoch, "seconds": round(self.elapsed, 1), "val_dice_mean": mean,
-                            **{f"val_dice_{s}": float(v) for s, v in zip(STRUCTURES, val)}})
+                row.update({"epoch": self.epoch, "seconds": round(self.elapsed, 1)})
+                if validated:  # the validation columns stay empty on the other epochs
+                    row.update({"val_dice_mean": mean, **{f"val_dice_{s}": float(v) for s, v in zip(STRUCTURES, val)}})
                 rng_ranks = ranks.gather(capture_rng()) if ranks.distributed else None
                 if ranks.distributed and self.epoch == first_epoch + 1:  # evidence of who trained on what
                     drawn_by_rank = ranks.gather(drawn)
@@ -442,8 +447,10 @@ class Trainer:
                 save_checkpoint(self.out / "last.pt", self._state(row, rng_ranks))
                 log.write(row)  # only once this epoch's checkpoint is safely on disk
                 if self.progress:
-                    print(f"epoch {self.epoch}: loss {row.get('loss_g', math.nan):.4f}  val Dice "
-                          + " / ".join(f"{v:.3f}" for v in val) + f"  ({self.elapsed:.0f} s)", flush=True)
+                    scores = (" / ".join(f"{v:.3f}" for v in val) if validated
+                              else f"- (every {tc['val_every']} epochs)")
+                    print(f"epoch {self.epoch}: loss {row.get('loss_g', math.nan):.4f}  val Dice {scores}"
+                          f"  ({self.elapsed:.0f} s)", flush=True)
         finally:
             if log is not None:
                 log.close()
