@@ -4,9 +4,8 @@ import pytest
 from spineseg.data.phantom import phantom_slice
 from spineseg.infer.postprocess import anatomical_postprocess
 
-# the slice-position mix these tests' slices were chosen under (phantom default before 2026-11-24): the same
-# seeds give the same slices, each with a vertebral body
-BEFORE_DISC_CHANGE = (0.14, 0.22, 0.24, 0.40)
+# the slices these tests were written for (the same seeds under the older position mix), each with a body
+from spineseg.data.phantom import POSITION_P_BEFORE_2026_11 as BEFORE_DISC_CHANGE  # noqa: E402
 
 SPACING = (0.78125, 0.78125)
 

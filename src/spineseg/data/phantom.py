@@ -41,6 +41,7 @@ LEVELS = ("L1", "L2", "L3", "L4", "L5")
 # of the slices cut the disc (at 14 % the models learnt to label the disc as body: README, "Disc level")
 POSITIONS = ("disc", "endplate", "infrapedicular", "pedicle")
 POSITION_P = (0.25, 0.20, 0.20, 0.35)
+POSITION_P_BEFORE_2026_11 = (0.14, 0.22, 0.24, 0.40)  # the mix before: `--positions` with it remakes older phantoms
 CONTRASTS = ("t2", "t2fs", "water", "fat", "t1")
 
 # tissue codes of the tissue map
