@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from spineseg.cli import main
+from spineseg.errors import SpinesegError
 from spineseg.eval.evaluate import evaluate_folders, read_per_slice, write_reports
 from spineseg.eval.figures import FN_COLOR, FP_COLOR, error_overlay
 from spineseg.io.images import read_label, save_slice_nifti
@@ -195,3 +196,26 @@ def test_demo_dice_by_slice_position(tmp_path):
     assert out["pedicle"]["vertebral_body"]["dice"] == 0.9 and "lamina" in out["disc"]
     (tmp_path / "plain.csv").write_text("case,patient\nA,P0\n")
     assert by_position(rows, tmp_path / "plain.csv") is None
+
+
+def test_dataset_root_gt_finds_named_cases_in_labelsTr_beside_labelsTs(small_phantom, tmp_path):
+    from spineseg.eval.evaluate import gt_label_files
+
+    root = tmp_path / "ds"
+    shutil.copytree(small_phantom, root)
+    (root / "labelsTs").mkdir()
+    tr = sorted((root / "labelsTr").iterdir())
+    shutil.copy(tr[0], root / "labelsTs" / "T000_00.nii.gz")  # a test-set case of its own
+    assert list(gt_label_files(root)) == ["T000_00"]  # all cases of a root: its test set
+    named = [tr[1].name[:-7], tr[2].name[:-7]]  # a run's test fold, drawn from labelsTr
+    assert {k: v.parent.name for k, v in gt_label_files(root, named).items() if k in named} == dict.fromkeys(
+        named, "labelsTr")
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for f in tr[1:3]:
+        shutil.copy(f, pred / f.name)
+    rows = evaluate_folders(pred, root, cases=named)
+    assert {r["case"] for r in rows} == set(named) and all(r["dice"] == 1.0 for r in rows if not r["absent_both"])
+    shutil.copy(tr[1], root / "labelsTs" / tr[1].name)  # now ambiguous
+    with pytest.raises(SpinesegError, match="in both labelsTs and labelsTr"):
+        gt_label_files(root, named)

@@ -35,16 +35,24 @@ def _label_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def gt_folder(path: Path) -> Path:
-    """Accept a label folder or a data set root (labelsTs, then labelsTr, for nnU-Net; masks/ for pairs)."""
+def gt_label_files(path: Path, cases: list[str] | None = None) -> dict[str, Path]:
+    """Ground-truth label maps by case id, from a label folder or a data set root (masks/ or labels/ for
+    image / mask pairs). In an nnU-Net root, all cases means labelsTs (the test set) where it exists, else
+    labelsTr; named cases (a run's test fold) are looked up in both, and a case in both is refused."""
     if (path / "dataset.json").exists():
-        for sub in ("labelsTs", "labelsTr"):
-            if (path / sub).is_dir():
-                return path / sub
+        folders = [path / sub for sub in ("labelsTs", "labelsTr") if (path / sub).is_dir()]
+        if folders and cases is None:
+            return _label_files(folders[0])
+        if folders:
+            found = [_label_files(f) for f in folders]
+            both = [c for c in cases if all(c in f for f in found)] if len(found) == 2 else []
+            if both:
+                raise SpinesegError(f"case {both[0]} is in both labelsTs and labelsTr; give the label folder", path)
+            return {k: v for f in reversed(found) for k, v in f.items()}
     for sub in ("masks", "labels"):
         if (path / sub).is_dir():
-            return path / sub
-    return path
+            return _label_files(path / sub)
+    return _label_files(path)
 
 
 def dataset_patient_map(gt: Path) -> dict[str, str] | None:
@@ -88,7 +96,7 @@ def evaluate_folders(pred: str | Path, gt: str | Path, hd95: str = "monai", spac
     ``fold`` is written into every row when the cases are one fold's test set.
     """
     pred_files = _label_files(Path(pred))
-    gt_files = _label_files(gt_folder(Path(gt)))
+    gt_files = gt_label_files(Path(gt), cases)
     if patients is None:
         patients = dataset_patient_map(Path(gt)) or {}
     wanted = list(gt_files) if cases is None else list(cases)
