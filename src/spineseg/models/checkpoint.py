@@ -66,10 +66,15 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return ck
 
 
+def float32_weights(state: dict) -> dict:
+    """A state dict with its floating-point tensors in float32 (packed checkpoints store float16)."""
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+
+
 def load_model(ck: dict, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The network of a loaded checkpoint, weights in float32, in eval mode."""
     model = model_from_config(ck["config"])
-    model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in ck["model"].items()})
+    model.load_state_dict(float32_weights(ck["model"]))
     return model.to(device).eval()
 
 

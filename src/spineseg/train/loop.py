@@ -35,7 +35,8 @@ from ..data.dataset import make_loader
 from ..data.splits import write_splits
 from ..errors import SpinesegError
 from ..io.atomic import atomic_write_text, remove_stale_temporaries
-from ..models.checkpoint import load_checkpoint, model_from_config, resolve_checkpoint, save_checkpoint
+from ..models.checkpoint import (float32_weights, load_checkpoint, model_from_config, resolve_checkpoint,
+                                save_checkpoint)
 from ..models.critic import Critic
 from ..overlap import dice_per_structure
 from ..preprocess.pipeline import PreprocessCache, PreprocessConfig
@@ -277,7 +278,7 @@ class Trainer:
             raise SpinesegError(f"--init: {d} is {describe_value(stored, d)!r} in the checkpoint but "
                                 f"{describe_value(self.cfg, d)!r} in this run's config; fine-tuning needs the same "
                                 "network (pass the --config it was trained with)", src)
-        self.model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["model"].items()})
+        self.model.load_state_dict(float32_weights(ck["model"]))
         loaded = ["network"]
         for name, net in (("critic", self.critic), ("domain_critic", self.domain_critic)):
             weights = ck.get(name)
