@@ -85,8 +85,7 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
     import numpy as np
 
     from spineseg.infer.engine import native_bf16
-    from spineseg.infer.predict import Predictor
-    from spineseg.infer.predict import resolve_checkpoint
+    from spineseg.infer.predict import Predictor, resolve_checkpoint
     from spineseg.preprocess.pipeline import preprocess_slice
     import torch
 

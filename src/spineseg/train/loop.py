@@ -291,8 +291,8 @@ class Trainer:
         if ck["preprocess"] != self.pp.to_dict() and self.ranks.is_main:
             print(f"note: --init {src} was trained with other preprocessing than this run's config "
                   f"({', '.join(config_differences(ck['preprocess'], self.pp.to_dict()))})", flush=True)
-        self.cfg["run"]["init"] = {"checkpoint": str(Path(src).resolve()), "sha256": hashlib.sha256(Path(src).read_bytes()).hexdigest(),
-                                   "loaded": loaded}
+        self.cfg["run"]["init"] = {"checkpoint": str(Path(src).resolve()), "loaded": loaded,
+                                   "sha256": hashlib.sha256(Path(src).read_bytes()).hexdigest()}
         if self.ranks.is_main and self.progress:
             print(f"fine-tuning from {src}: {', '.join(loaded)} loaded; optimisers and schedule start afresh",
                   flush=True)
@@ -427,8 +427,8 @@ class Trainer:
                 now = ranks.broadcast(time.perf_counter() - t_start)
                 last = self.epoch >= tc["epochs"] or bool(cap and now + (now - elapsed) >= cap)
                 validated = self.epoch % tc["val_every"] == 0 or last
-                val = self._validate(val_loader) if validated else np.full(len(STRUCTURES), np.nan)
-                mean = float(np.nanmean(val)) if validated else math.nan
+                val = self._validate(val_loader) if validated else None
+                mean = float(np.nanmean(val)) if validated else math.nan  # never better than the best
                 self.elapsed = time.perf_counter() - t_start
                 row.update({"epoch": self.epoch, "seconds": round(self.elapsed, 1)})
                 if validated:  # the validation columns stay empty on the other epochs
