@@ -244,6 +244,10 @@ def test_init_refuses_another_network_and_resume(small_phantom, tmp_path):
     with pytest.raises(SpinesegError, match="--init starts a new run"):
         Trainer(None, None, tmp_path / "src", resume=True, progress=False, init=tmp_path / "src" / "best.pt")
     assert not (tmp_path / "wide" / "last.pt").exists()
+    # a bad checkpoint is named before any data is read
+    with pytest.raises(SpinesegError, match="missing.pt: checkpoint not found"):
+        Trainer(tmp_path / "no-data", "spineseg", tmp_path / "x", overrides=TINY, progress=False,
+                init=tmp_path / "missing.pt")
 
 
 def test_validation_every_n_epochs_and_always_after_the_last(small_phantom, tmp_path):

@@ -100,6 +100,8 @@ class Trainer:
         if resume and init is not None:
             raise SpinesegError("--init starts a new run from a checkpoint's weights; a resumed run already has its "
                                 "own (drop --init or --resume)", init)
+        init_src = resolve_checkpoint(init) if init is not None else None
+        init_ck = load_checkpoint(init_src) if init_src is not None else None  # a bad file fails before any work
         if resume:
             if not (self.out / "last.pt").exists():
                 raise SpinesegError("--resume given but the run has no last.pt", self.out)
@@ -170,8 +172,8 @@ class Trainer:
         self.pending_row = None
         if ck is not None:
             self._load_state(ck)
-        elif init is not None:
-            self._warm_start(init)
+        elif init_ck is not None:
+            self._warm_start(init_src, init_ck)
 
     def _load_unlabeled(self, run: dict, resume: bool, cache: PreprocessCache) -> list:
         """Preprocessed unlabelled real slices for domain adaptation ([] when the run has none)."""
@@ -265,12 +267,10 @@ class Trainer:
         self.pending_row = ck.get("log_row")
         self.finished_before = self.epoch >= self.cfg["train"]["epochs"]
 
-    def _warm_start(self, init: str | Path) -> None:
+    def _warm_start(self, src: Path, ck: dict) -> None:
         """Fine-tuning: start from the network weights of a checkpoint (a run's best.pt / last.pt, a packed
         model, or ``pretrained``), and from its critics where it has them and they fit; optimisers, epoch and
         learning-rate schedule start afresh. The architecture must be the same."""
-        src = resolve_checkpoint(init)
-        ck = load_checkpoint(src)
         stored = {"model": dict(ck["config"]["model"])}
         diffs = config_differences(stored, {"model": self.cfg["model"]})
         if diffs:
