@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from spineseg.data.phantom import phantom_slice
-from spineseg.infer.postprocess import anatomical_postprocess
+from spineseg.anatomy.postprocess import anatomical_postprocess
 
 # the slices these tests were written for (the same seeds under the older position mix), each with a body
 from spineseg.data.phantom import POSITION_P_BEFORE_2026_11 as BEFORE_DISC_CHANGE  # noqa: E402

@@ -7,7 +7,8 @@ from scipy import ndimage as ndi
 
 from spineseg.cli import main
 from spineseg.data.phantom import phantom_slice
-from spineseg.eval.sanity import check_image, check_slice, display_to_world, plane_to_world, run_sanity
+from spineseg.anatomy.order import check_slice
+from spineseg.eval.sanity import check_image, display_to_world, plane_to_world, run_sanity
 from spineseg.io.images import _LPS_TO_RAS, Image, read_image, read_label, save_nifti, save_png, slice_affine
 
 # the slices these tests were written for (the same seeds under the older position mix), each with a body

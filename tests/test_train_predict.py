@@ -97,7 +97,7 @@ def test_predict_postprocess_option(run, small_phantom, tmp_path):
     img = read_image(sorted((small_phantom / "imagesTr").iterdir())[1])
     from scipy import ndimage as ndi
 
-    from spineseg.infer.postprocess import anatomical_postprocess
+    from spineseg.anatomy.postprocess import anatomical_postprocess
 
     predictor = Predictor(run / "best.pt", postprocess="none")
     raw, default = predictor.predict_both(img)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import SpinesegError
-from .infer.postprocess import DEFAULT_POSTPROCESS, POSTPROCESS
+from .anatomy.postprocess import DEFAULT_POSTPROCESS, POSTPROCESS
 
 
 # ----------------------------------------------------------------------------------------------- commands

@@ -1,14 +1,7 @@
 """Anatomical plausibility of predictions on unlabelled scans (`spineseg sanity`).
 
-Checked on the raw prediction and on the post-processed one, slice by slice:
-
-- **Order**: canal and laminae present; the body present (except that a slice without a body, as at
-  disc level on clinical single slices, passes on canal + laminae); body and canal each one
-  4-connected region; in world coordinates the body anterior of the canal and the canal anterior of
-  the laminae, and the canal between body and laminae (not off to one side).
-- **Both laminae**: lamina area on each side of the body–canal axis (the world anterior-posterior line
-  through the canal where there is no body).
-- **Areas** outside :data:`spineseg.anatomy.AREA_LIMITS_MM2` are a warning, not part of the order rule.
+Every slice's raw and post-processed prediction is checked by the rule of :mod:`spineseg.anatomy.order`
+(order, both laminae, areas).
 
 Directions come from the image's affine, never from the array layout, so an image stored in any
 orientation gets the same verdict.
@@ -24,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 from nibabel import orientations as nio
-from scipy import ndimage as ndi
 
 from .. import STRUCTURES
-from ..anatomy import AREA_LIMITS_MM2
+from ..anatomy.order import DISPLAY_TO_GRID, SHORT, check_slice
 from ..errors import SpinesegError
 from ..io.atomic import atomic_path, atomic_write_text
 from ..io.images import case_stem, read_images, slice_affine, stack_output_name
@@ -36,18 +28,7 @@ from ..io.preview import LABEL_COLORS, to_gray
 from ..progress import progress as progress_bar
 
 STAGES = ("raw", "post")
-FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
-ANTERIOR = np.array([0.0, 1.0, 0.0])  # RAS: +y points to the patient's front
-PATIENT_RIGHT = np.array([1.0, 0.0, 0.0])  # RAS: +x points to the patient's right
-# lamina pixels this close to the midline axis belong to neither side (the laminae meet in the midline)
-MIDLINE_MM = 2.0
-# a side holds a lamina when it carries at least this much of the lamina area, and at least LAMINA_SIDE_MM2
-LAMINA_SIDE_FRACTION = 0.2
-LAMINA_SIDE_MM2 = 20.0  # a fifth of the smallest single lamina of PHANTOM.md (5 mm x 20 mm)
-# the canal centroid may lie at most this far (relative to the body-lamina distance) off the body-lamina line
-CANAL_OFF_AXIS = 0.5
 CROP_HALF_MM = 50.0  # montage panels show at least 100 mm around the predicted spine
-SHORT = {"vertebral_body": "body", "vertebral_foramen": "canal", "lamina": "laminae"}
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -60,79 +41,13 @@ def display_to_world(img) -> np.ndarray:
         shape3 = tuple(img.file_shape) + (1,) * (3 - len(img.file_shape))
         to_display = nio.ornt_transform(img.ornt, nio.axcodes2ornt(("L", "P", "S")))
         m = img.affine @ nio.inv_ornt_aff(to_display, shape3)  # (i=col, j=row, k=slice) -> world
-    return m @ np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)
+    return m @ DISPLAY_TO_GRID
 
 
 def plane_to_world(img, index: int) -> np.ndarray:
     """3x3 matrix taking ``(row, col, 1)`` of display slice ``index`` to RAS millimetres."""
     m = display_to_world(img)
     return np.column_stack([m[:3, 1], m[:3, 2], m[:3, 0] * index + m[:3, 3]])
-
-
-def _world_points(mask: np.ndarray, plane: np.ndarray) -> np.ndarray:
-    rc = np.argwhere(mask)
-    return np.c_[rc, np.ones(len(rc))] @ plane.T
-
-
-# ----------------------------------------------------------------------------------------------- one slice
-
-def check_slice(labels: np.ndarray, plane: np.ndarray) -> dict:
-    """Order, both laminae, areas and region counts of one ``(H, W)`` label map.
-
-    ``plane`` is :func:`plane_to_world` of the slice; the pixel area comes from it too.
-    """
-    px_mm2 = float(np.linalg.norm(np.cross(plane[:, 0], plane[:, 1])))
-    masks = {s: labels == k for k, s in enumerate(STRUCTURES, start=1)}
-    row: dict = {}
-    for s, m in masks.items():
-        row[f"area_{s}_mm2"] = round(float(m.sum()) * px_mm2, 1)
-        row[f"regions_{s}"] = int(ndi.label(m, structure=FOUR_CONNECTED)[1])
-    found = {s: bool(m.any()) for s, m in masks.items()}
-    centre = {s: _world_points(m, plane).mean(0) for s, m in masks.items() if found[s]}
-    body, canal, lamina = STRUCTURES
-    reasons = [f"{SHORT[s]} missing" for s in (canal, lamina) if not found[s]]
-    reasons += [f"{SHORT[s]} in {row[f'regions_{s}']} regions" for s in (body, canal)
-                if found[s] and row[f"regions_{s}"] != 1]
-    if found[body] and found[canal] and np.dot(centre[body] - centre[canal], ANTERIOR) <= 0:
-        reasons.append("body not anterior of the canal")
-    if found[canal] and found[lamina] and np.dot(centre[canal] - centre[lamina], ANTERIOR) <= 0:
-        reasons.append("canal not anterior of the laminae")
-    if all(found.values()) and not _canal_between(centre[body], centre[canal], centre[lamina]):
-        reasons.append("canal not between body and laminae")
-    row["order"] = not reasons
-    row["reason"] = "; ".join(reasons)
-    row["body_found"] = found[body]
-    left, right = _lamina_sides(masks[lamina], plane, centre.get(body), centre.get(canal), px_mm2)
-    row["lamina_left_mm2"], row["lamina_right_mm2"] = round(left, 1), round(right, 1)
-    total = row[f"area_{lamina}_mm2"]
-    row["both_laminae"] = bool(found[lamina] and min(left, right) >= max(LAMINA_SIDE_MM2, LAMINA_SIDE_FRACTION * total))
-    row["area_warning"] = "; ".join(
-        f"{SHORT[s]} {row[f'area_{s}_mm2']:.0f} mm2 outside [{lo:.0f}, {hi:.0f}]"
-        for s, (lo, hi) in AREA_LIMITS_MM2.items() if found[s] and not lo <= row[f"area_{s}_mm2"] <= hi)
-    return row
-
-
-def _canal_between(body: np.ndarray, canal: np.ndarray, lamina: np.ndarray) -> bool:
-    axis = lamina - body
-    length2 = max(float(np.dot(axis, axis)), 1e-6)
-    t = float(np.dot(canal - body, axis)) / length2
-    off = float(np.linalg.norm((canal - body) - t * axis)) / np.sqrt(length2)
-    return 0.0 < t < 1.0 and off < CANAL_OFF_AXIS
-
-
-def _lamina_sides(lamina: np.ndarray, plane: np.ndarray, body, canal, px_mm2: float) -> tuple[float, float]:
-    """Lamina area (mm^2) on the patient's left and right of the midline axis (0, 0 without canal)."""
-    if canal is None or not lamina.any():
-        return 0.0, 0.0
-    normal = np.cross(plane[:, 0], plane[:, 1])
-    normal /= np.linalg.norm(normal)
-    axis = (body - canal) if body is not None else ANTERIOR - np.dot(ANTERIOR, normal) * normal
-    axis = axis - np.dot(axis, normal) * normal
-    lateral = np.cross(normal, axis)
-    lateral /= max(np.linalg.norm(lateral), 1e-9)
-    lateral *= np.sign(np.dot(lateral, PATIENT_RIGHT)) or 1.0
-    d = (_world_points(lamina, plane) - canal) @ lateral
-    return float((d < -MIDLINE_MM).sum() * px_mm2), float((d > MIDLINE_MM).sum() * px_mm2)
 
 
 # ----------------------------------------------------------------------------------------------- reports

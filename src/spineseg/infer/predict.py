@@ -28,7 +28,7 @@ from ..preprocess.pipeline import MIN_SIDE_PX, PreprocessConfig, body_outline, p
 from ..progress import progress as progress_bar
 from .engine import available_cores, load_for_inference, make_engine
 from ..models.checkpoint import PRETRAINED, resolve_checkpoint  # noqa: F401  (re-exported)
-from .postprocess import DEFAULT_POSTPROCESS, POSTPROCESS, anatomical_postprocess
+from ..anatomy.postprocess import DEFAULT_POSTPROCESS, POSTPROCESS, anatomical_postprocess
 from .measure import StenosisThresholds, measure_image, narrowest, write_measurements
 
 NNUNET_IMAGE_FOLDERS = ("imagesTr", "imagesTs")  # where a trailing _0000 is nnU-Net's channel suffix

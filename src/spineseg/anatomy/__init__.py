@@ -1,4 +1,8 @@
-"""Anatomical reference ranges shared by the phantom (which satisfies them) and `sanity` (which checks them).
+"""Anatomy shared by the phantom, training, inference and the checks.
+
+This module: reference ranges the phantom satisfies and `sanity` checks. :mod:`.postprocess`: the
+anatomically informed clean-up of a predicted slice. :mod:`.order`: the anatomical order rule of one slice
+(`sanity`, and the acceptance test of self-training pseudo-labels).
 
 Areas are in mm^2 per axial slice, after PHANTOM.md. A slice through the disc cuts no vertebral body
 at all (``ABSENT_AT``); everywhere else a structure is present, and the loosest range of a structure

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..anatomy import AREA_LIMITS_MM2
+from . import AREA_LIMITS_MM2
 
 # anatomical (default): the rules above; largest: each structure's largest region (nnU-Net's rule); none: raw argmax
 POSTPROCESS = ("anatomical", "largest", "none")
