@@ -214,9 +214,21 @@ def test_unlabeled_images_add_a_domain_critic_and_resume_exactly(small_phantom, 
     plain.fit()
     cp = load_checkpoint(tmp_path / "plain" / "last.pt")
     assert max(float((ca["model"][k] - cp["model"][k]).abs().max()) for k in ca["model"]) > 1e-4
-    with pytest.raises(SpinesegError, match="domain_weight is 0"):
+    with pytest.raises(SpinesegError, match="domain_weight and train.pseudo_weight are 0"):
         Trainer(small_phantom, "unet", tmp_path / "zero", overrides=TINY, sets={"train": {"domain_weight": 0.0}},
                 progress=False, cache=tmp_path / "cache", unlabeled=unlabeled)
+
+
+def test_self_training_alone_needs_no_domain_critic_and_logs_what_it_accepts(small_phantom, tmp_path):
+    sets = {"train": {"epochs": 1, "domain_weight": 0.0, "pseudo_weight": 1.0}}
+    t = Trainer(small_phantom, "unet", tmp_path / "st", overrides=TINY, sets=sets, progress=False,
+                cache=tmp_path / "cache", unlabeled=[small_phantom / "imagesTr"])
+    assert t.domain_critic is None and t.step.self_training is not None and t.step.domain is None
+    t.fit()
+    with open(tmp_path / "st" / "log.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(r["loss_pseudo"] and 0 <= float(r["pseudo_accepted"]) <= 1 and not r["loss_domain"]
+                        for r in rows)
 
 
 def test_init_starts_a_new_run_from_a_checkpoints_weights(small_phantom, tmp_path):

@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--unlabeled", nargs="+", metavar="PATH",
                    help="unlabelled real images (files, DICOM folders or folders of them) for output-space domain "
                    "adaptation: a label-map critic makes predictions on them look like those on the training data "
-                   "(weight train.domain_weight)")
+                   "(weight train.domain_weight), and / or self-training on their anatomically plausible "
+                   "predictions (weight train.pseudo_weight, off by default)")
     s.add_argument("--unlabeled-spacing", type=float, default=None,
                    help="pixel spacing (mm) of unlabelled PNG / TIFF images")
     s.add_argument("--init", metavar="CHECKPOINT", default=None,

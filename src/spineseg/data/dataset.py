@@ -82,7 +82,8 @@ def _single_slice(path) -> bool:
 
 
 class SliceDataset(Dataset):
-    """Items: ``{"image": (1,S,S) float, "label": (S,S) long, "case": str, "index": int}``."""
+    """Items: ``{"image": (1,S,S) float, "label": (S,S) long, "case": str, "index": int, "spacing": (2,) mm}``
+    (``spacing``: the network grid's pixel spacing before augmentation)."""
 
     def __init__(self, records: list[SliceRecord], augment: AugmentConfig | None = None, seed: int = 0):
         if not records:
@@ -102,7 +103,8 @@ class SliceDataset(Dataset):
         if self.augment is not None:
             gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
             img, lab = augment(img, lab, self.augment, gen, torch.from_numpy(r.geometry.content_mask()))
-        item = {"image": img.float(), "case": r.case_id, "index": r.index}
+        item = {"image": img.float(), "case": r.case_id, "index": r.index,
+                "spacing": torch.tensor(r.geometry.out_spacing, dtype=torch.float64)}
         if lab is not None:
             item["label"] = lab
         return item

@@ -70,7 +70,10 @@ class TrainOptions(_Section):
     domain_weight: float = Field(0.01, ge=0)  # only with unlabelled images (`train --unlabeled`)
     domain_objective: Literal["bce", "wgan-gp"] = "bce"
     domain_batch_size: int = Field(4, ge=1)
-    domain_start_epoch: int = Field(0, ge=0)
+    domain_start_epoch: int = Field(0, ge=0)  # also when self-training starts
+    # self-training on the same unlabelled slices (`train.selftrain`): anatomically accepted pseudo-labels
+    pseudo_weight: float = Field(0.0, ge=0)  # 0: off
+    pseudo_confidence: float = Field(0.9, ge=0, le=1)  # pixels at least this confident are targets
     num_workers: int = Field(0, ge=0)
     val_every: int = Field(1, ge=1)
     amp: bool = True

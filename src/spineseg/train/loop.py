@@ -47,6 +47,7 @@ from .data import (dataset_fingerprint, load_training_data, load_unlabeled, reso
 from .distributed import current as current_ranks, rank_seed
 from .losses import SegLoss
 from .runlog import RunLog
+from .selftrain import SelfTraining
 from .state import capture_rng, restore_rng, seed_everything
 from .steps import Adversary, DomainAdversary, GeneratorStep
 
@@ -158,15 +159,17 @@ class Trainer:
                                   tc["clip"], tc["alpha"])
         self.domain_critic = self.opt_domain = None
         domain = None
-        if self.unlabeled:
+        if self.unlabeled and tc["domain_weight"]:
             maps = torch.zeros(2, NUM_CLASSES, size, size, device=self.device)
             self.domain_critic = Critic(NUM_CLASSES, **self.cfg["critic"]).to(self.device)
             self.opt_domain = torch.optim.Adam(self.domain_critic.parameters(), lr=tc["lr_critic"],
                                                betas=tuple(tc["betas"]))
             domain = DomainAdversary(self.ranks.wrap(self.domain_critic, None, maps), self.opt_domain,
                                      tc["domain_objective"], tc["domain_weight"], tc["gp_lambda"])
+        self_training = SelfTraining(tc["pseudo_weight"], tc["pseudo_confidence"]) \
+            if self.unlabeled and tc["pseudo_weight"] else None
         self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, SegLoss(tc["beta"], tc["gamma"]),
-                                  self.scaler, self.device, self.use_amp, adversary, domain)
+                                  self.scaler, self.device, self.use_amp, adversary, domain, self_training)
         self.epoch, self.best, self.elapsed = 0, -1.0, 0.0
         self.rng = self.rng_ranks = None
         self.pending_row = None
@@ -176,11 +179,12 @@ class Trainer:
             self._warm_start(init_src, init_ck)
 
     def _load_unlabeled(self, run: dict, resume: bool, cache: PreprocessCache) -> list:
-        """Preprocessed unlabelled real slices for domain adaptation ([] when the run has none)."""
+        """Preprocessed unlabelled real slices for domain adaptation / self-training ([] when the run has none)."""
         if not run.get("unlabeled"):
             return []
-        if not self.cfg["train"]["domain_weight"]:
-            raise SpinesegError("--unlabeled images are given but train.domain_weight is 0, so they would be ignored")
+        if not (self.cfg["train"]["domain_weight"] or self.cfg["train"]["pseudo_weight"]):
+            raise SpinesegError("--unlabeled images are given but train.domain_weight and train.pseudo_weight are 0, "
+                                "so they would be ignored")
         cases = unlabeled_cases(run["unlabeled"])
         fingerprint = dataset_fingerprint(cases)
         if resume and run.get("unlabeled_fingerprint") and fingerprint != run["unlabeled_fingerprint"]:
@@ -340,8 +344,10 @@ class Trainer:
                            disable=not self.progress, log_lines=False)
         n = 0
         for batch in bar:
-            real = next(unlabeled)["image"].to(self.device) if unlabeled is not None else None
-            logs = self.step(batch["image"].to(self.device), batch["label"].to(self.device), adversarial, real)
+            real = next(unlabeled) if unlabeled is not None else None
+            logs = self.step(batch["image"].to(self.device), batch["label"].to(self.device), adversarial,
+                             None if real is None else real["image"].to(self.device),
+                             None if real is None else real["spacing"])
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1

@@ -15,18 +15,18 @@ from pathlib import Path
 from .. import STRUCTURES
 from ..io.atomic import atomic_write_text
 
-FIELDS = (["epoch", "seconds", "lr", "loss_g", "loss_seg", "loss_adv", "loss_d", "loss_domain", "loss_domain_d"]
-          + [f"val_dice_{s}" for s in STRUCTURES] + ["val_dice_mean"])
+FIELDS = (["epoch", "seconds", "lr", "loss_g", "loss_seg", "loss_adv", "loss_d", "loss_domain", "loss_domain_d",
+           "loss_pseudo", "pseudo_accepted"] + [f"val_dice_{s}" for s in STRUCTURES] + ["val_dice_mean"])
 
 
 class RunLog:
     def __init__(self, folder: Path, epoch: int = 0, pending_row: dict | None = None, tensorboard: bool = True):
         self.path = folder / "log.csv"
-        rows = self._read()
+        rows, header = self._read()
         kept = [r for r in rows if int(r["epoch"]) <= epoch]
         if pending_row is not None and not any(int(r["epoch"]) == int(pending_row["epoch"]) for r in kept):
             kept.append({k: pending_row.get(k, "") for k in FIELDS})
-        if kept != rows or not self.path.exists():
+        if kept != rows or header != FIELDS:  # a log of an older version is rewritten with today's columns
             self._rewrite(kept)
         self.tb = None
         if tensorboard:
@@ -37,15 +37,16 @@ class RunLog:
             if pending_row is not None and not any(int(r["epoch"]) == int(pending_row["epoch"]) for r in rows):
                 self._tb_row(pending_row)
 
-    def _read(self) -> list[dict]:
+    def _read(self) -> tuple[list[dict], list[str] | None]:
         if not self.path.exists():
-            return []
+            return [], None
         with open(self.path, newline="") as fh:
-            return [r for r in csv.DictReader(fh) if r.get("epoch", "").strip().isdigit()]
+            reader = csv.DictReader(fh)
+            return [r for r in reader if r.get("epoch", "").strip().isdigit()], reader.fieldnames
 
     def _rewrite(self, rows: list[dict]) -> None:
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n", extrasaction="ignore")
+        w = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n", extrasaction="ignore", restval="")
         w.writeheader()
         w.writerows(rows)
         atomic_write_text(self.path, buf.getvalue())

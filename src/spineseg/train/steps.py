@@ -13,6 +13,7 @@ import torch
 
 from .. import NUM_CLASSES
 from .losses import SegLoss, critic_loss, generator_adv_loss, one_hot
+from .selftrain import SelfTraining
 
 
 class Adversary:
@@ -86,16 +87,18 @@ class GeneratorStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, seg_loss: SegLoss,
                  scaler: torch.amp.GradScaler, device: torch.device, amp: bool, adversary: Adversary | None = None,
-                 domain: DomainAdversary | None = None):
+                 domain: DomainAdversary | None = None, self_training: SelfTraining | None = None):
         self.model, self.optimizer, self.seg_loss, self.scaler = model, optimizer, seg_loss, scaler
         self.device, self.amp, self.adversary, self.domain = device, amp, adversary, domain
+        self.self_training = self_training
 
     def _autocast(self):
         return torch.autocast(self.device.type) if self.amp else contextlib.nullcontext()
 
     def __call__(self, image: torch.Tensor, labels: torch.Tensor, adversarial: bool,
-                 unlabeled: torch.Tensor | None = None) -> dict:
-        """One update. ``unlabeled``: a batch of real slices for domain adaptation (None: no domain term)."""
+                 unlabeled: torch.Tensor | None = None, unlabeled_spacing: torch.Tensor | None = None) -> dict:
+        """One update. ``unlabeled``: a batch of real slices (pixel spacing ``unlabeled_spacing``, (B, 2) mm) for
+        domain adaptation and / or self-training (None: neither term)."""
         logs = {}
         if adversarial:
             with torch.no_grad(), self._autocast():
@@ -110,13 +113,19 @@ class GeneratorStep:
             adv = self.adversary.generator_loss(image, probs)
             logs["loss_adv"] = float(adv.detach())
             loss = loss + self.adversary.alpha * adv
-        if unlabeled is not None and self.domain is not None:
+        if unlabeled is not None and (self.domain is not None or self.self_training is not None):
             with self._autocast():
-                target_probs = torch.softmax(self.model(unlabeled).float(), 1)
-            logs["loss_domain_d"] = self.domain.update_critic(probs, target_probs)
-            dom = self.domain.generator_loss(target_probs)
-            logs["loss_domain"] = float(dom.detach())
-            loss = loss + self.domain.weight * dom
+                target_logits = self.model(unlabeled).float()
+            if self.domain is not None:
+                target_probs = torch.softmax(target_logits, 1)
+                logs["loss_domain_d"] = self.domain.update_critic(probs, target_probs)
+                dom = self.domain.generator_loss(target_probs)
+                logs["loss_domain"] = float(dom.detach())
+                loss = loss + self.domain.weight * dom
+            if self.self_training is not None:
+                pseudo, logs["pseudo_accepted"] = self.self_training.loss(target_logits, unlabeled_spacing)
+                logs["loss_pseudo"] = float(pseudo.detach())
+                loss = loss + self.self_training.weight * pseudo
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

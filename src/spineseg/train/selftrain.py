@@ -1,0 +1,62 @@
+"""Self-training on unlabelled real slices with anatomically accepted pseudo-labels (`train --unlabeled`
+with `train.pseudo_weight` > 0).
+
+On every unlabelled batch the generator's own prediction becomes a target where anatomy vouches for it:
+
+- the arg-max map is post-processed (:func:`spineseg.anatomy.postprocess.anatomical_postprocess`: one canal,
+  the body next to it, up to two laminae behind it, specks removed, small holes filled);
+- the slice is accepted only when the post-processed map passes the anatomical order rule *and* shows both
+  laminae (:func:`spineseg.anatomy.order.check_slice`); other slices contribute nothing;
+- on an accepted slice, cross-entropy is taken on the pixels the network is confident about
+  (max probability >= ``train.pseudo_confidence``) and on every pixel the post-processing changed (a speck,
+  a second body piece, a filled hole): those corrections are what the raw prediction must learn.
+
+This teaches the raw network the clean-up that post-processing does, on the real images' own appearance
+(pseudo-labelling after Lee 2013, with a plausibility filter in place of a confidence-only one). It also
+reinforces what the model already believes where anatomy cannot tell (a disc labelled as body is a
+plausible body), so it is off by default and kept only where it measurably helps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..anatomy.order import check_slice, display_plane
+from ..anatomy.postprocess import anatomical_postprocess
+
+IGNORE = -100
+
+
+def pseudo_labels(probs: torch.Tensor, spacing: torch.Tensor, confidence: float) -> tuple[torch.Tensor, int]:
+    """Targets ``(B, H, W)`` (``IGNORE`` where there is none) from softmax ``probs`` ``(B, C, H, W)`` of slices with
+    pixel ``spacing`` ``(B, 2)`` mm, and the number of accepted slices."""
+    conf, raw = probs.detach().float().max(1)
+    conf, raw = conf.cpu().numpy(), raw.cpu().numpy().astype(np.uint8)
+    targets = np.full(raw.shape, IGNORE, np.int64)
+    accepted = 0
+    for b in range(raw.shape[0]):
+        sp = tuple(float(x) for x in spacing[b])
+        post = anatomical_postprocess(raw[b], sp)
+        check = check_slice(post, display_plane(sp))
+        if not (check["order"] and check["both_laminae"]):
+            continue
+        keep = (conf[b] >= confidence) | (post != raw[b])
+        targets[b][keep] = post[keep]
+        accepted += 1
+    return torch.from_numpy(targets).to(probs.device), accepted
+
+
+class SelfTraining:
+    """The pseudo-label term: ``weight`` x CE on the accepted pixels (0 when a batch has none)."""
+
+    def __init__(self, weight: float, confidence: float):
+        self.weight, self.confidence = weight, confidence
+
+    def loss(self, logits: torch.Tensor, spacing: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The unweighted loss and the fraction of the batch's slices accepted."""
+        targets, accepted = pseudo_labels(torch.softmax(logits.detach().float(), 1), spacing, self.confidence)
+        if not accepted or not (targets != IGNORE).any():
+            return logits.float().sum() * 0.0, accepted / logits.shape[0]
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE), accepted / logits.shape[0]

@@ -1,0 +1,84 @@
+"""Self-training pseudo-labels: accepted only when anatomy vouches for them; corrections always count."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spineseg import NUM_CLASSES
+from spineseg.data.phantom import phantom_slice
+from spineseg.train.selftrain import IGNORE, SelfTraining, pseudo_labels
+
+SPACING = 0.78125
+
+
+@pytest.fixture(scope="module")
+def truth():  # a pedicle-level slice (position share 1 on pedicle): body, canal and both laminae
+    s = phantom_slice(0, 0, 0, size=256, spacing=SPACING, positions=(0.0, 0.0, 0.0, 1.0))
+    assert {1, 2, 3} <= set(np.unique(s.label)), s.meta
+    return s.label.astype(np.int64)
+
+
+def _probs(labels: np.ndarray, confidence: float = 0.95) -> torch.Tensor:
+    """Softmax-like maps whose arg-max is ``labels`` with the given confidence."""
+    one = F.one_hot(torch.from_numpy(labels), NUM_CLASSES).permute(0, 3, 1, 2).double()
+    return one * confidence + (1 - one) * (1 - confidence) / (NUM_CLASSES - 1)
+
+
+def _speck(labels: np.ndarray) -> tuple[slice, slice]:
+    """A 3x3 body speck far behind the laminae, in the background."""
+    rows = np.argwhere(labels == 3)[:, 0]
+    r = min(rows.max() + 20, labels.shape[0] - 4)
+    c = labels.shape[1] // 2
+    assert (labels[r - 1:r + 2, c - 1:c + 2] == 0).all()
+    return slice(r - 1, r + 2), slice(c - 1, c + 2)
+
+
+def test_plausible_slice_is_a_target_with_its_speck_corrected(truth):
+    lab = truth.copy()
+    rs, cs = _speck(lab)
+    lab[rs, cs] = 1
+    probs = _probs(lab[None])
+    unsure = (slice(0, 5), slice(0, 5))  # background corner the network is unsure of
+    probs[0, :, unsure[0], unsure[1]] = torch.tensor([0.5, 0.2, 0.2, 0.1], dtype=probs.dtype)[:, None, None]
+    probs[0, :, rs, cs] = torch.tensor([0.35, 0.4, 0.15, 0.1], dtype=probs.dtype)[:, None, None]  # unsure speck
+    targets, accepted = pseudo_labels(probs, torch.tensor([[SPACING, SPACING]]), 0.9)
+    t = targets[0].numpy()
+    assert accepted == 1
+    assert (t[rs, cs] == 0).all()  # the speck post-processing removed is a target although the network is unsure
+    assert (t[unsure] == IGNORE).all()  # unsure and unchanged: no target
+    confident = np.ones(t.shape, bool)
+    confident[unsure] = False
+    confident[rs, cs] = False
+    assert np.array_equal(t[confident], truth[confident])
+
+
+@pytest.mark.parametrize("break_it", ["no canal", "upside down", "one lamina"])
+def test_implausible_slice_gives_no_target(truth, break_it):
+    lab = truth.copy()
+    if break_it == "no canal":
+        lab[lab == 2] = 0
+    elif break_it == "upside down":  # laminae in front of the body
+        lab = lab[::-1].copy()
+    else:
+        c = int(np.argwhere(lab == 2)[:, 1].mean())
+        lab[:, : c - 2][lab[:, : c - 2] == 3] = 0
+    targets, accepted = pseudo_labels(_probs(lab[None]), torch.tensor([[SPACING, SPACING]]), 0.9)
+    assert accepted == 0 and (targets == IGNORE).all()
+
+
+def test_loss_pulls_the_speck_towards_background_and_is_zero_without_targets(truth):
+    lab = truth.copy()
+    rs, cs = _speck(lab)
+    lab[rs, cs] = 1
+    logits = torch.log(_probs(lab[None])).float().requires_grad_(True)
+    st = SelfTraining(weight=1.0, confidence=0.9)
+    loss, accepted = st.loss(logits, torch.tensor([[SPACING, SPACING]]))
+    loss.backward()
+    assert accepted == 1.0 and float(loss.detach()) > 0
+    g = logits.grad[0, :, rs, cs]
+    assert (g[0] < 0).all() and (g[1] > 0).all()  # descent raises background, lowers body at the speck
+    empty = torch.log(_probs(lab[None][:, ::-1].copy())).float().requires_grad_(True)
+    loss, accepted = st.loss(empty, torch.tensor([[SPACING, SPACING]]))
+    assert accepted == 0.0 and float(loss.detach()) == 0.0
+    loss.backward()  # still part of the graph
