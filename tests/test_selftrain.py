@@ -53,6 +53,25 @@ def test_plausible_slice_is_a_target_with_its_speck_corrected(truth):
     assert np.array_equal(t[confident], truth[confident])
 
 
+def test_a_slice_whose_body_post_processing_had_to_pick_from_pieces_can_be_left_out(truth):
+    lab = truth.copy()
+    cut = int(np.percentile(np.argwhere(lab == 1)[:, 0], 30))
+    band = lab[cut:cut + 2]
+    band[band == 1] = 0  # two background rows split the body into a front and a back piece
+    spacing = torch.tensor([[SPACING, SPACING]])
+    targets, accepted = pseudo_labels(_probs(lab[None]), spacing, 0.9)
+    assert accepted == 1  # one piece is kept and passes the order rule
+    changed = (targets[0].numpy() != lab) & (targets[0].numpy() != IGNORE)
+    assert changed.sum() > 0.05 * (lab > 0).sum()  # the other piece became background
+    targets, accepted = pseudo_labels(_probs(lab[None]), spacing, 0.9, max_change=0.05)
+    assert accepted == 0 and (targets == IGNORE).all()
+    rs, cs = _speck(truth)  # a speck is a small change: still a target under the same limit
+    lab = truth.copy()
+    lab[rs, cs] = 1
+    targets, accepted = pseudo_labels(_probs(lab[None]), spacing, 0.9, max_change=0.05)
+    assert accepted == 1 and (targets[0].numpy()[rs, cs] == 0).all()
+
+
 @pytest.mark.parametrize("break_it", ["no canal", "upside down", "one lamina"])
 def test_implausible_slice_gives_no_target(truth, break_it):
     lab = truth.copy()

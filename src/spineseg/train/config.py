@@ -74,6 +74,7 @@ class TrainOptions(_Section):
     # self-training on the same unlabelled slices (`train.selftrain`): anatomically accepted pseudo-labels
     pseudo_weight: float = Field(0.0, ge=0)  # 0: off
     pseudo_confidence: float = Field(0.9, ge=0, le=1)  # pixels at least this confident are targets
+    pseudo_max_change: float = Field(1.0, ge=0)  # a slice whose post-processing changed more of its raw foreground is not used
     num_workers: int = Field(0, ge=0)
     val_every: int = Field(1, ge=1)
     amp: bool = True

@@ -166,7 +166,7 @@ class Trainer:
                                                betas=tuple(tc["betas"]))
             domain = DomainAdversary(self.ranks.wrap(self.domain_critic, None, maps), self.opt_domain,
                                      tc["domain_objective"], tc["domain_weight"], tc["gp_lambda"])
-        self_training = SelfTraining(tc["pseudo_weight"], tc["pseudo_confidence"]) \
+        self_training = SelfTraining(tc["pseudo_weight"], tc["pseudo_confidence"], tc["pseudo_max_change"]) \
             if self.unlabeled and tc["pseudo_weight"] else None
         self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, SegLoss(tc["beta"], tc["gamma"]),
                                   self.scaler, self.device, self.use_amp, adversary, domain, self_training)

@@ -6,7 +6,10 @@ On every unlabelled batch the generator's own prediction becomes a target where 
 - the arg-max map is post-processed (:func:`spineseg.anatomy.postprocess.anatomical_postprocess`: one canal,
   the body next to it, up to two laminae behind it, specks removed, small holes filled);
 - the slice is accepted only when the post-processed map passes the anatomical order rule *and* shows both
-  laminae (:func:`spineseg.anatomy.order.check_slice`); other slices contribute nothing;
+  laminae (:func:`spineseg.anatomy.order.check_slice`), and the post-processing changed at most
+  ``train.pseudo_max_change`` of the raw foreground (a few specks, not half a body: where the network split
+  the body in two, as at disc level, which piece is right is exactly what it does not know); other slices
+  contribute nothing;
 - on an accepted slice, cross-entropy is taken on the pixels the network is confident about
   (max probability >= ``train.pseudo_confidence``) and on every pixel the post-processing changed (a speck,
   a second body piece, a filled hole): those corrections are what the raw prediction must learn.
@@ -29,7 +32,8 @@ from ..anatomy.postprocess import anatomical_postprocess
 IGNORE = -100
 
 
-def pseudo_labels(probs: torch.Tensor, spacing: torch.Tensor, confidence: float) -> tuple[torch.Tensor, int]:
+def pseudo_labels(probs: torch.Tensor, spacing: torch.Tensor, confidence: float,
+                  max_change: float = 1.0) -> tuple[torch.Tensor, int]:
     """Targets ``(B, H, W)`` (``IGNORE`` where there is none) from softmax ``probs`` ``(B, C, H, W)`` of slices with
     pixel ``spacing`` ``(B, 2)`` mm, and the number of accepted slices."""
     conf, raw = probs.detach().float().max(1)
@@ -42,7 +46,10 @@ def pseudo_labels(probs: torch.Tensor, spacing: torch.Tensor, confidence: float)
         check = check_slice(post, display_plane(sp))
         if not (check["order"] and check["both_laminae"]):
             continue
-        keep = (conf[b] >= confidence) | (post != raw[b])
+        changed = post != raw[b]
+        if changed.sum() > max_change * max(int((raw[b] > 0).sum()), 1):
+            continue
+        keep = (conf[b] >= confidence) | changed
         targets[b][keep] = post[keep]
         accepted += 1
     return torch.from_numpy(targets).to(probs.device), accepted
@@ -51,12 +58,13 @@ def pseudo_labels(probs: torch.Tensor, spacing: torch.Tensor, confidence: float)
 class SelfTraining:
     """The pseudo-label term: ``weight`` x CE on the accepted pixels (0 when a batch has none)."""
 
-    def __init__(self, weight: float, confidence: float):
-        self.weight, self.confidence = weight, confidence
+    def __init__(self, weight: float, confidence: float, max_change: float = 1.0):
+        self.weight, self.confidence, self.max_change = weight, confidence, max_change
 
     def loss(self, logits: torch.Tensor, spacing: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The unweighted loss and the fraction of the batch's slices accepted."""
-        targets, accepted = pseudo_labels(torch.softmax(logits.detach().float(), 1), spacing, self.confidence)
+        targets, accepted = pseudo_labels(torch.softmax(logits.detach().float(), 1), spacing, self.confidence,
+                                           self.max_change)
         if not accepted or not (targets != IGNORE).any():
             return logits.float().sum() * 0.0, accepted / logits.shape[0]
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE), accepted / logits.shape[0]
