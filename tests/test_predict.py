@@ -209,3 +209,12 @@ def test_flip_tta_is_left_right_equivariant_and_none_is_one_pass():
     assert np.allclose(p, 0.5 * (single + mirrored), atol=1e-5)
     with pytest.raises(SpinesegError, match="tta must be one of"):
         Predictor("pretrained", tta="rotate")
+
+
+def test_the_command_line_and_the_library_default_to_the_same_tta():
+    from spineseg.cli import build_parser
+    from spineseg.infer.predict import DEFAULT_TTA
+
+    parser = build_parser()
+    for command in (["predict", "--model", "m", "--input", "x", "--out", "o"], ["sanity", "--model", "m", "--input", "x", "--out", "o"]):
+        assert parser.parse_args(command).tta == DEFAULT_TTA, command

@@ -266,9 +266,9 @@ def _shares(text: str) -> tuple[float, ...]:
 
 def _add_tta(s) -> None:
     # the choices of spineseg.infer.predict.TTA (not imported here: it would load torch for --help)
-    s.add_argument("--tta", choices=["flip", "none"], default="flip",
-                   help="flip: average each slice's prediction with its left-right mirror image's (twice the network "
-                   "time); none: one network pass")
+    s.add_argument("--tta", choices=["flip", "none"], default="none",
+                   help="none (default): one network pass; flip: average each slice's prediction with its left-right "
+                   "mirror image's (twice the network time)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ from .measure import StenosisThresholds, measure_image, narrowest, write_measure
 
 NNUNET_IMAGE_FOLDERS = ("imagesTr", "imagesTs")  # where a trailing _0000 is nnU-Net's channel suffix
 TTA = ("flip", "none")
-DEFAULT_TTA = "flip"
+DEFAULT_TTA = "none"  # mirroring no longer helps the shipped model on real scans (README, "Real scans")
 CONTENT_CHECK_SIDE = 128  # pixels: the body-outline check looks at slices subsampled to about this size
 
 
@@ -78,8 +78,8 @@ class Predictor:
 
     ``threads``: CPU threads (default: every core this process may use); ``batch_size``: slices per
     network call; ``precision``: ``fp32`` or ``bf16`` (torch engine, where the processor has native bf16);
-    ``tta``: ``flip`` (default) averages the class probabilities of each slice and of its left-right mirror
-    image (test-time mirroring, as nnU-Net does by default; twice the network time), ``none`` runs the network once.
+    ``tta``: ``none`` (default) runs the network once; ``flip`` averages the class probabilities of each slice and
+    of its left-right mirror image (test-time mirroring, as nnU-Net does by default; twice the network time).
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", threads: int | None = None,
