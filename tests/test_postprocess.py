@@ -86,3 +86,32 @@ def test_a_body_speck_on_a_disc_level_slice_is_no_body():
     r, c = np.argwhere(lab == 2).min(0)
     lab[r - 12:r - 7, c:c + 5] = 1  # 25 px = 15 mm2 in front of the canal
     assert np.array_equal(anatomical_postprocess(lab, s.spacing), s.label)
+
+
+def test_a_body_far_from_the_canal_is_no_body_and_one_near_it_is_kept(truth):
+    from scipy import ndimage as ndi
+
+    from spineseg.anatomy.postprocess import BODY_REACH_MM
+
+    s = truth[4]
+    body = s.label == 1
+    canal_centre = np.argwhere(s.label == 2).mean(0)
+    mm = s.spacing[0]
+
+    def moved(rows: float, cols: float) -> np.ndarray:
+        """The label map with the body shifted by (rows, cols) pixels, onto background."""
+        lab = s.label.copy()
+        lab[body] = 0
+        shifted = ndi.shift(body.astype(float), (rows, cols), order=0) > 0.5
+        lab[shifted & (lab == 0)] = 1
+        return lab
+
+    def edge_mm(lab):
+        return ndi.distance_transform_edt(lab != 1, sampling=s.spacing)[tuple(np.round(canal_centre).astype(int))]
+
+    far = moved(-(BODY_REACH_MM + 15) / mm, -(BODY_REACH_MM + 15) / mm)  # onto a bowel loop, say
+    assert edge_mm(far) > BODY_REACH_MM
+    assert not (anatomical_postprocess(far, s.spacing) == 1).any()
+    near = moved(-8 / mm, 0)  # 8 mm further forward: still the body
+    assert edge_mm(near) < BODY_REACH_MM
+    assert np.array_equal(anatomical_postprocess(near, s.spacing) == 1, near == 1)
