@@ -115,3 +115,19 @@ def test_a_body_far_from_the_canal_is_no_body_and_one_near_it_is_kept(truth):
     near = moved(-8 / mm, 0)  # 8 mm further forward: still the body
     assert edge_mm(near) < BODY_REACH_MM
     assert np.array_equal(anatomical_postprocess(near, s.spacing) == 1, near == 1)
+
+
+def test_working_on_the_labels_bounding_box_changes_nothing(truth):
+    from spineseg.anatomy.postprocess import _postprocess
+
+    rng = np.random.default_rng(0)
+    for s in truth:
+        lab = s.label.copy()
+        rows, cols = np.nonzero(lab)
+        for _ in range(6):  # specks and blobs of every class, some far out, some touching the structures
+            r, c = rng.integers(rows.min() - 20, rows.max() + 20), rng.integers(cols.min() - 20, cols.max() + 20)
+            lab[max(r, 0):r + rng.integers(1, 12), max(c, 0):c + rng.integers(1, 12)] = rng.integers(0, 4)
+        r, c = np.argwhere(lab == 1).mean(0).astype(int) if (lab == 1).any() else (0, 0)
+        lab[r - 2:r + 2, c - 2:c + 2] = 0  # a hole
+        lab[0, 5:9] = 1  # a body speck on the image border
+        assert np.array_equal(anatomical_postprocess(lab, s.spacing), _postprocess(lab, s.spacing)), s.meta
