@@ -79,13 +79,12 @@ def _pick_body(labels: np.ndarray, canal_centre, spacing) -> np.ndarray:
     def edge_mm(r):
         return ndi.distance_transform_edt(~r, sampling=spacing)[centre_px]
 
-    regions = [r for r in regions if edge_mm(r) <= BODY_REACH_MM]
-    if not regions:
+    near = [(r, d) for r in regions if (d := edge_mm(r)) <= BODY_REACH_MM]
+    if not near:
         return np.zeros(labels.shape, bool)
-    front = [r for r in regions if _centre_mm(r, spacing)[0] < canal_centre[0]]
-    candidates = front or regions
+    front = [(r, d) for r, d in near if _centre_mm(r, spacing)[0] < canal_centre[0]]
     # nearest to the canal, weighing size so that a speck next to the canal does not beat the body
-    return min(candidates, key=lambda r: edge_mm(r) - 0.01 * r.sum() * pixel_mm2)
+    return min(front or near, key=lambda rd: rd[1] - 0.01 * rd[0].sum() * pixel_mm2)[0]
 
 
 def _pick_laminae(labels: np.ndarray, canal: np.ndarray, canal_centre, spacing) -> np.ndarray:
