@@ -229,6 +229,9 @@ def test_self_training_alone_needs_no_domain_critic_and_logs_what_it_accepts(sma
         rows = list(csv.DictReader(fh))
     assert rows and all(r["loss_pseudo"] and 0 <= float(r["pseudo_accepted"]) <= 1 and not r["loss_domain"]
                         for r in rows)
+    with pytest.raises(SpinesegError, match="nothing to self-train on"):
+        Trainer(small_phantom, "unet", tmp_path / "none", overrides=TINY, sets=sets, progress=False,
+                cache=tmp_path / "cache")
 
 
 def test_init_starts_a_new_run_from_a_checkpoints_weights(small_phantom, tmp_path):

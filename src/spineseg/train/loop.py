@@ -126,6 +126,9 @@ class Trainer:
         run = self.cfg["run"]
         seed_everything(run["seed"])
         tc = self.cfg["train"]
+        if tc["pseudo_weight"] and not run.get("unlabeled"):  # before any data is read
+            raise SpinesegError("train.pseudo_weight is set but there is nothing to self-train on: "
+                                "give the unlabelled images with --unlabeled")
         self.device = self.ranks.device(device)
         if self.device.type == "cpu" and tc.get("threads"):
             torch.set_num_threads(int(tc["threads"]))
