@@ -199,7 +199,7 @@ def main():
     ap.add_argument("--engines", nargs="+", default=["torch", "onnx"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--tta", nargs="+", choices=["flip", "none"], default=["flip", "none"],
-                    help="test-time mirroring of the end-to-end rows (predict's default is flip)")
+                    help="test-time mirroring of the end-to-end rows (predict's default is none)")
     ap.add_argument("--compare-bf16", metavar="PHANTOM_DIR", help="compare fp32 and bf16 labels on this data set")
     ap.add_argument("--cases", type=int, default=6, help="images of --compare-bf16 to use")
     ap.add_argument("--paper-size", type=int, default=128, help="input size of the paper architecture in --compare-bf16")

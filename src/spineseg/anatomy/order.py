@@ -48,11 +48,11 @@ def _world_points(mask: np.ndarray, plane: np.ndarray) -> np.ndarray:
     return np.c_[rc, np.ones(len(rc))] @ plane.T
 
 
-
 def check_slice(labels: np.ndarray, plane: np.ndarray) -> dict:
     """Order, both laminae, areas and region counts of one ``(H, W)`` label map.
 
-    ``plane`` is :func:`plane_to_world` of the slice; the pixel area comes from it too.
+    ``plane`` is the slice's :func:`display_plane` (or ``spineseg.eval.sanity.plane_to_world`` for a slice of a
+    file); the pixel area comes from it too.
     """
     px_mm2 = float(np.linalg.norm(np.cross(plane[:, 0], plane[:, 1])))
     masks = {s: labels == k for k, s in enumerate(STRUCTURES, start=1)}
