@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from spineseg.data.phantom import phantom_slice
-from spineseg.preprocess.pipeline import (PreprocessCache, PreprocessConfig, inverse_geometry, preprocess_slice,
-                                          probabilities_to_labels)
+from spineseg.preprocess.pipeline import (PreprocessCache, PreprocessConfig, inverse_geometry, plan_geometry,
+                                          preprocess_slice, probabilities_to_labels)
 
 # the slices these tests were written for (the same seeds under the older position mix), each with a body
 from spineseg.data.phantom import POSITION_P_BEFORE_2026_11 as BEFORE_DISC_CHANGE  # noqa: E402
@@ -35,6 +35,48 @@ def test_probabilities_back_to_labels_is_at_least_as_good_as_nearest():
     near = inverse_geometry(lab, g, order=0)
     for k in (1, 2, 3):
         assert _dice(back == k, s.label == k) >= _dice(near == k, s.label == k) - 0.01
+
+
+def _smooth_probabilities(rng, size: int) -> np.ndarray:
+    """Softmax of smooth random logits with background leading: blobs of each class, with near-ties at their edges."""
+    from scipy import ndimage as ndi
+
+    logits = ndi.gaussian_filter(rng.normal(size=(4, size, size)), (0, 3, 3)) * rng.uniform(5, 40)
+    logits[0] += rng.uniform(0, 3)
+    p = np.exp(logits - logits.max(0))
+    return (p / p.sum(0)).astype(np.float32)
+
+
+def test_mapping_back_equals_resampling_the_whole_grid():
+    """probabilities_to_labels resamples only around the foreground; its labels must be exactly those of
+    resampling every class over the whole original grid and taking the argmax (crops, padding, up- and
+    down-sampling, near-ties between background and a class)."""
+    rng = np.random.default_rng(0)
+    windowed = 0
+    for _ in range(40):
+        H, W = (int(v) for v in rng.integers(80, 300, 2))
+        r0, c0 = (int(v) for v in rng.integers(0, 15, 2))
+        crop = (r0, H - int(rng.integers(0, 15)), c0, W - int(rng.integers(0, 15)))
+        spacing = float(rng.uniform(0.3, 1.3))
+        cfg = PreprocessConfig(target_size=int(rng.choice([48, 64, 96])), target_spacing=1.0)
+        g = plan_geometry((H, W), (spacing, spacing), crop, cfg)
+        probs = _smooth_probabilities(rng, g.out_size)
+        expected = inverse_geometry(probs, g, order=1, fill=0.0).argmax(0)
+        got = probabilities_to_labels(probs, g)
+        assert got.dtype == np.uint8 and got.shape == (H, W)
+        np.testing.assert_array_equal(got, expected)
+        windowed += spacing < 1.0 and 0 < (expected > 0).mean() < 0.5
+    assert windowed >= 10  # the windowed path was exercised, on slices with background around the foreground
+
+
+def test_mapping_back_keeps_a_class_that_leads_background_narrowly():
+    g = plan_geometry((200, 180), (0.5, 0.5), (10, 190, 5, 175), PreprocessConfig(target_size=64, target_spacing=1.0))
+    probs = np.full((4, 64, 64), 0.02, np.float32)
+    probs[0] = 0.94
+    probs[:, 30:35, 28:33] = np.array([0.49999, 0.5, 0.00001, 0.0], np.float32)[:, None, None]
+    got = probabilities_to_labels(probs, g)
+    np.testing.assert_array_equal(got, inverse_geometry(probs, g, order=1, fill=0.0).argmax(0))
+    assert (got == 1).sum() > 50
 
 
 def test_zscore_and_padding():
