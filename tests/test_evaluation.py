@@ -181,21 +181,53 @@ def test_nnunet_verify_dataset_integrity(small_phantom, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_demo_dice_by_slice_position(tmp_path):
-    from spineseg.demo import by_position
+def test_dice_by_slice_position(tmp_path):
+    from spineseg.eval.evaluate import dice_by_position
 
     (tmp_path / "cases.csv").write_text("case,patient,position\nA,P0,disc\nB,P0,pedicle\nC,P1,disc\n")
     body = lambda d: {"dice": d}  # noqa: E731
     rows = [{"case": "A", "slice": 0, "vertebral_body": body(0.0), "vertebral_foramen": body(0.8), "lamina": None},
             {"case": "C", "slice": 0, "vertebral_body": None, "vertebral_foramen": body(0.6), "lamina": body(0.5)},
             {"case": "B", "slice": 0, "vertebral_body": body(0.9), "vertebral_foramen": body(0.7), "lamina": body(0.7)}]
-    out = by_position(rows, tmp_path / "cases.csv")
+    out = dice_by_position(rows, tmp_path / "cases.csv")
     # the disc slice whose body is absent in truth and prediction is left out; the one with a false body counts 0
     assert out["disc"]["vertebral_body"] == {"slices": 1, "dice": 0.0}
     assert out["disc"]["vertebral_foramen"] == {"slices": 2, "dice": 0.7}
     assert out["pedicle"]["vertebral_body"]["dice"] == 0.9 and "lamina" in out["disc"]
     (tmp_path / "plain.csv").write_text("case,patient\nA,P0\n")
-    assert by_position(rows, tmp_path / "plain.csv") is None
+    assert dice_by_position(rows, tmp_path / "plain.csv") is None
+
+
+def test_evaluate_writes_dice_by_position_for_a_phantom(tmp_path):
+    """`spineseg evaluate` on a phantom data set (its cases.csv names each slice's position) writes
+    by_position.json from the same per-slice rows as the summary; on a data set without positions it writes
+    none and removes one left by an earlier evaluation in the same folder."""
+    import csv
+    from collections import Counter
+
+    import nibabel as nib
+
+    from spineseg.data.phantom_dataset import write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "ph", patients=3, slices_per_patient=2, size=96, seed=3, progress=False)
+    pred = tmp_path / "pred"
+    shutil.copytree(data / "labelsTr", pred)
+    positions = {r["case"]: r["position"] for r in csv.DictReader((data / "cases.csv").open())}
+    victim = sorted(pred.iterdir())[0]  # this prediction loses its canal
+    nii = nib.load(victim)
+    arr = np.asarray(nii.dataobj).astype(np.uint8)
+    arr[arr == 2] = 0
+    nib.save(nib.Nifti1Image(arr, nii.affine, nii.header), victim)
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(data), "--out", str(tmp_path / "ev")]) == 0
+    got = json.loads((tmp_path / "ev" / "by_position.json").read_text())
+    assert {p: v["vertebral_foramen"]["slices"] for p, v in got.items()} == dict(Counter(positions.values()))
+    hit = positions[victim.name.split(".")[0]]
+    n_hit = Counter(positions.values())[hit]
+    assert got[hit]["vertebral_foramen"]["dice"] == round((n_hit - 1) / n_hit, 4)
+    assert all(v["vertebral_foramen"]["dice"] == 1.0 for p, v in got.items() if p != hit)
+    (data / "cases.csv").write_text("case,patient\n" + "".join(f"{c},P{i}\n" for i, c in enumerate(positions)))
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(data), "--out", str(tmp_path / "ev")]) == 0
+    assert not (tmp_path / "ev" / "by_position.json").exists()
 
 
 def test_dataset_root_gt_finds_named_cases_in_labelsTr_beside_labelsTs(small_phantom, tmp_path):

@@ -141,7 +141,7 @@ def cmd_export(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from .eval.evaluate import evaluate_folders, fold_test_cases, training_run_fold, write_reports
+    from .eval.evaluate import dataset_cases_csv, evaluate_folders, fold_test_cases, training_run_fold, write_reports
 
     splits, fold, gt, pred = a.splits, a.fold, a.gt, a.pred
     if a.run:
@@ -157,12 +157,14 @@ def cmd_evaluate(a) -> int:
     cases = fold_test_cases(splits, fold) if splits else None
     rows = evaluate_folders(pred, gt, hd95=a.hd95, spacing=a.spacing, cases=cases, fold=fold)
     what = f"fold {fold} of {splits}: " if splits else ""
-    write_reports(rows, a.out, title=f"{what}{pred} vs {gt}")
+    write_reports(rows, a.out, title=f"{what}{pred} vs {gt}", cases_csv=dataset_cases_csv(Path(gt)))
     print((Path(a.out) / "summary.md").read_text())
     n = len({(r["case"], r["slice"]) for r in rows})
     n_cases = len({r["case"] for r in rows})
     scope = f"the {n_cases} test cases of fold {fold} ({splits})" if splits else f"{n_cases} cases"
-    print(f"{n} slices of {scope} evaluated (HD95: {a.hd95}); wrote per_slice.csv, summary.md/.csv/.tex to {a.out}")
+    extra = ", by_position.json" if (Path(a.out) / "by_position.json").is_file() else ""
+    print(f"{n} slices of {scope} evaluated (HD95: {a.hd95}); wrote per_slice.csv, summary.md/.csv/.tex{extra} "
+          f"to {a.out}")
     return 0
 
 

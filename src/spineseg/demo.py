@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from . import STRUCTURES
 from .errors import SpinesegError
 
@@ -41,27 +39,6 @@ def evaluate_cases(predictor, cases, overlay_dir: Path | None = None, max_overla
     return rows, per_case
 
 
-def by_position(per_case: list[dict], cases_csv: Path) -> dict | None:
-    """Mean Dice per structure by the phantom's slice position (disc, endplate, ...); ``None`` for data sets
-    whose cases.csv has no ``position`` column. Slices without a structure in truth and prediction are left out."""
-    import csv
-
-    with open(cases_csv, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or "position" not in rows[0]:
-        return None
-    position = {r["case"]: r["position"] for r in rows}
-    values: dict[tuple[str, str], list[float]] = {}
-    for row in per_case:
-        for s in STRUCTURES:
-            if row.get(s) is not None:
-                values.setdefault((position[row["case"]], s), []).append(row[s]["dice"])
-    out: dict[str, dict] = {}
-    for (pos, s), v in sorted(values.items()):
-        out.setdefault(pos, {})[s] = {"slices": len(v), "dice": round(float(np.mean(v)), 4)}
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="spineseg.demo")
     ap.add_argument("--out", default="runs/demo")
@@ -81,6 +58,7 @@ def main(argv=None) -> int:
 
 def _run(a) -> int:
     from .data.phantom_dataset import write_phantom_dataset
+    from .eval.evaluate import dice_by_position
     from .eval.metrics import summarise
     from .infer.predict import Predictor
     from .io.atomic import atomic_write_text
@@ -119,7 +97,7 @@ def _run(a) -> int:
                "hd95_std": summary[s]["hd95_std"], "hd95_missing": summary[s]["hd95_missing"],
                "iou": summary[s]["iou"], "ppv": summary[s]["ppv"], "target_dice": TARGETS[s]} for s in STRUCTURES},
     }
-    positions = by_position(per_case, data / "cases.csv")
+    positions = dice_by_position(per_case, data / "cases.csv")
     if positions is not None:
         metrics["dice_by_slice_position"] = positions
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")

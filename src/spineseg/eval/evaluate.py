@@ -55,12 +55,38 @@ def gt_label_files(path: Path, cases: list[str] | None = None) -> dict[str, Path
     return _label_files(path)
 
 
-def dataset_patient_map(gt: Path) -> dict[str, str] | None:
-    """The data set's ``cases.csv`` patient map, looked up beside a label folder or in a data set root."""
+def dataset_cases_csv(gt: Path) -> Path | None:
+    """The data set's ``cases.csv``, looked up beside a label folder or in a data set root."""
     for root in (gt, gt.parent):
         if (root / "cases.csv").is_file():
-            return read_patient_map(root / "cases.csv")
+            return root / "cases.csv"
     return None
+
+
+def dataset_patient_map(gt: Path) -> dict[str, str] | None:
+    """The data set's ``cases.csv`` patient map (see ``dataset_cases_csv``)."""
+    path = dataset_cases_csv(gt)
+    return None if path is None else read_patient_map(path)
+
+
+def dice_by_position(slices: list[dict], cases_csv: str | Path) -> dict | None:
+    """Mean Dice per structure by the phantom's slice position (disc, endplate, ...) for per-slice dicts
+    ``{case, structure: metrics | None}``; ``None`` where ``cases_csv`` has no ``position`` column (real data
+    sets). Slices without a structure in truth and prediction are left out; a false one counts Dice 0."""
+    with open(cases_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "position" not in rows[0]:
+        return None
+    position = {r["case"]: r["position"] for r in rows}
+    values: dict[tuple[str, str], list[float]] = {}
+    for row in slices:
+        for s in STRUCTURES:
+            if row.get(s) is not None:
+                values.setdefault((position[row["case"]], s), []).append(row[s]["dice"])
+    out: dict[str, dict] = {}
+    for (pos, s), v in sorted(values.items()):
+        out.setdefault(pos, {})[s] = {"slices": len(v), "dice": round(float(np.mean(v)), 4)}
+    return out
 
 
 def fold_test_cases(splits_file: str | Path, fold: int) -> list[str]:
@@ -124,10 +150,10 @@ def evaluate_folders(pred: str | Path, gt: str | Path, hd95: str = "monai", spac
 
 
 def rows_to_slices(rows: list[dict]) -> list[dict]:
-    """Back from long rows to ``[{structure: metrics|None}]`` per (case, slice)."""
+    """Back from long rows to ``[{case, slice, structure: metrics|None}]`` per (case, slice)."""
     by: dict[tuple, dict] = {}
     for r in rows:
-        d = by.setdefault((r["case"], int(r["slice"])), {})
+        d = by.setdefault((r["case"], int(r["slice"])), {"case": r["case"], "slice": int(r["slice"])})
         d[r["structure"]] = None if _truthy(r.get("absent_both")) else {k: _num(r.get(k)) for k in METRICS}
     return list(by.values())
 
@@ -163,7 +189,9 @@ def _fmt(v, digits=3):
     return "" if v is None else f"{v:.{digits}f}"
 
 
-def write_reports(rows: list[dict], out: str | Path, title: str = "") -> dict:
+def write_reports(rows: list[dict], out: str | Path, title: str = "", cases_csv: str | Path | None = None) -> dict:
+    """per_slice.csv and summary.md / .csv / .json / .tex; with a phantom's ``cases_csv`` (which names each
+    slice's position) also ``by_position.json``, the mean Dice per slice position."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -172,7 +200,13 @@ def write_reports(rows: list[dict], out: str | Path, title: str = "") -> dict:
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r[k]) for k in w.fieldnames})
     atomic_write_text(out / "per_slice.csv", buf.getvalue())
-    summ = summarise(rows_to_slices(rows))
+    slices = rows_to_slices(rows)
+    summ = summarise(slices)
+    positions = dice_by_position(slices, cases_csv) if cases_csv is not None else None
+    if positions is not None:
+        atomic_write_text(out / "by_position.json", json.dumps(positions, indent=1) + "\n")
+    else:  # the report files of an earlier evaluation in this folder are all replaced: so is this one
+        (out / "by_position.json").unlink(missing_ok=True)
     # CSV
     buf = io.StringIO()
     cols = ["structure", "n", "skipped_absent_both", "hd_missing"] + [f"{m}{s}" for m in METRICS for s in ("", "_std")]
