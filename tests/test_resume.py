@@ -234,6 +234,53 @@ def test_self_training_alone_needs_no_domain_critic_and_logs_what_it_accepts(sma
                 cache=tmp_path / "cache")
 
 
+def test_slices_known_to_hold_no_body_reach_self_training_and_are_part_of_the_run(small_phantom, tmp_path,
+                                                                                   monkeypatch):
+    """--unlabeled-no-body: the named slices (and only they) arrive flagged at the self-training loss; the list
+    is checked against the images, needs self-training, and a resumed run refuses a different list."""
+    from spineseg.train.selftrain import SelfTraining
+
+    images = sorted((small_phantom / "imagesTr").iterdir())
+    csv_path = tmp_path / "no_body.csv"
+    csv_path.write_text(f"image,slice\n{images[0].name},0\n{images[3].name},0\n")
+    seen = []
+    original = SelfTraining.loss
+
+    def spy(self, logits, spacing, no_body=None):
+        seen.append(None if no_body is None else no_body.clone())
+        return original(self, logits, spacing, no_body)
+
+    monkeypatch.setattr(SelfTraining, "loss", spy)
+    sets = {"train": {"epochs": 1, "domain_weight": 0.0, "pseudo_weight": 1.0, "domain_batch_size": 16}}
+    kw = dict(overrides=TINY, progress=False, cache=tmp_path / "cache", unlabeled=[small_phantom / "imagesTr"])
+    t = Trainer(small_phantom, "unet", tmp_path / "nb", sets=sets, unlabeled_no_body=csv_path, **kw)
+    flagged = {(r.case_id, r.index) for r in t.unlabeled if r.no_body}
+    assert len(flagged) == 2 and len(t.unlabeled) == 16
+    t.fit()
+    assert seen and all(v is not None and v.dtype == torch.bool for v in seen)
+    assert all(int(v.sum()) == 2 for v in seen)  # a batch of all 16 unlabelled slices holds both flagged ones
+    assert t.cfg["run"]["unlabeled_no_body"] == str(csv_path.resolve())
+    # a different list: a resumed run refuses it
+    other = tmp_path / "other.csv"
+    other.write_text(f"image,slice\n{images[1].name},0\n")
+    with pytest.raises(SpinesegError, match="differs in content"):
+        Trainer(None, None, tmp_path / "nb", resume=True, sets={"train": {"epochs": 2}}, progress=False,
+                cache=tmp_path / "cache", unlabeled_no_body=other)
+    # bad lists and missing self-training: one clear error naming the file
+    for text, problem in ((f"image,slice\nnot-an-image.nii.gz,0\n", "not one of the --unlabeled images"),
+                          (f"image,slice\n{images[0].name},x\n", "not a whole number"),
+                          (f"image,slice\n{images[0].name},5\n", "slice 5 of .* does not exist"),
+                          ("case,index\nA,0\n", "columns image,slice")):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(text)
+        with pytest.raises(SpinesegError, match=problem) as err:
+            Trainer(small_phantom, "unet", tmp_path / "bad", sets=sets, unlabeled_no_body=bad, **kw)
+        assert err.value.path == bad.resolve() or str(err.value.path) == str(bad.resolve())
+    with pytest.raises(SpinesegError, match="needs --unlabeled and train.pseudo_weight"):
+        Trainer(small_phantom, "unet", tmp_path / "np", sets={"train": {"domain_weight": 0.01}},
+                unlabeled_no_body=csv_path, **kw)
+
+
 def test_init_starts_a_new_run_from_a_checkpoints_weights(small_phantom, tmp_path):
     src = _train(small_phantom, tmp_path / "src", 2)  # adversarial in epoch 2: the checkpoint has a trained critic
     ck = load_checkpoint(tmp_path / "src" / "last.pt")

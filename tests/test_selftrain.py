@@ -101,3 +101,26 @@ def test_loss_pulls_the_speck_towards_background_and_is_zero_without_targets(tru
     loss, accepted = st.loss(empty, torch.tensor([[SPACING, SPACING]]))
     assert accepted == 0.0 and float(loss.detach()) == 0.0
     loss.backward()  # still part of the graph
+
+
+def test_a_slice_known_to_hold_no_body_teaches_background_where_the_network_says_body(truth):
+    """--unlabeled-no-body: a disc-level slice the network labels with a body (as it does real discs) gets a
+    target without one, every body pixel a background target however unsure; the other classes as usual."""
+    lab = truth.copy()
+    probs = _probs(lab[None]).repeat(2, 1, 1, 1)
+    body = lab == 1
+    unsure_body = body & (np.add.outer(np.arange(lab.shape[0]), np.arange(lab.shape[1])) % 2 == 0)
+    probs[:, :, torch.from_numpy(unsure_body)] = torch.tensor([0.3, 0.4, 0.2, 0.1], dtype=probs.dtype)[None, :, None]
+    spacing = torch.tensor([[SPACING, SPACING]] * 2)
+    targets, accepted = pseudo_labels(probs, spacing, 0.9, max_change=0.05, no_body=torch.tensor([True, False]))
+    flagged, plain = targets[0].numpy(), targets[1].numpy()
+    assert accepted == 2  # the body's removal does not count against the change limit
+    assert (flagged[body] == 0).all()  # confident or not
+    assert (plain[body & ~unsure_body] == 1).all() and (plain[unsure_body] == IGNORE).all()
+    other = ~body
+    assert np.array_equal(flagged[other], plain[other])
+    # a flagged slice still has to pass the order rule without its body
+    no_canal = lab.copy()
+    no_canal[no_canal == 2] = 0
+    targets, accepted = pseudo_labels(_probs(no_canal[None]), spacing[:1], 0.9, no_body=torch.tensor([True]))
+    assert accepted == 0 and (targets == IGNORE).all()

@@ -91,7 +91,8 @@ def cmd_train(a) -> int:
         res = train(data=a.data, model=a.model, out=a.out, config=a.config, fold=a.fold, split=a.split,
                     resume=a.resume, seed=a.seed, device=a.device, cache=a.cache, splits_file=a.splits,
                     progress=not a.quiet, sets=sets, case_is_patient=a.case_is_patient,
-                    unlabeled=a.unlabeled, unlabeled_spacing=a.unlabeled_spacing, init=a.init)
+                    unlabeled=a.unlabeled, unlabeled_spacing=a.unlabeled_spacing,
+                    unlabeled_no_body=a.unlabeled_no_body, init=a.init)
     if ranks.is_main:
         print(json.dumps(res))
         print(f"checkpoints: {Path(a.out) / 'best.pt'} (best validation Dice), {Path(a.out) / 'last.pt'}")
@@ -342,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "predictions (weight train.pseudo_weight, off by default)")
     s.add_argument("--unlabeled-spacing", type=float, default=None,
                    help="pixel spacing (mm) of unlabelled PNG / TIFF images")
+    s.add_argument("--unlabeled-no-body", metavar="CSV", default=None,
+                   help="self-training: CSV (columns image,slice) of unlabelled slices known to hold no vertebral "
+                   "body (disc level, e.g. from a Dixon pair's fat fraction); their target has no body")
     s.add_argument("--init", metavar="CHECKPOINT", default=None,
                    help="fine-tune: start from this checkpoint's weights (RUN/best.pt, a packed model, or "
                    "'pretrained'; same network config), with fresh optimisers and schedule")

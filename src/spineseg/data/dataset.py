@@ -25,6 +25,7 @@ class SliceRecord:
     image: np.ndarray  # (S, S) float32, network grid
     label: np.ndarray | None  # (S, S) uint8, network grid
     geometry: Geometry
+    no_body: bool = False  # an unlabelled slice known to hold no vertebral body (disc level)
 
 
 def prepare_slices(cases: list[Case], cfg: PreprocessConfig, cache: PreprocessCache | None = None,
@@ -83,7 +84,8 @@ def _single_slice(path) -> bool:
 
 class SliceDataset(Dataset):
     """Items: ``{"image": (1,S,S) float, "label": (S,S) long, "case": str, "index": int, "spacing": (2,) mm}``
-    (``spacing``: the network grid's pixel spacing before augmentation)."""
+    (``spacing``: the network grid's pixel spacing before augmentation); unlabelled slices have ``no_body``
+    (bool) in place of ``label``."""
 
     def __init__(self, records: list[SliceRecord], augment: AugmentConfig | None = None, seed: int = 0):
         if not records:
@@ -107,6 +109,8 @@ class SliceDataset(Dataset):
                 "spacing": torch.tensor(r.geometry.out_spacing, dtype=torch.float64)}
         if lab is not None:
             item["label"] = lab
+        else:
+            item["no_body"] = torch.tensor(r.no_body)
         return item
 
 

@@ -91,6 +91,7 @@ class RunOptions(_Section):
     splits_file: str | None = None
     unlabeled: list[str] = []  # unlabelled real images for domain adaptation (files or folders)
     unlabeled_spacing: float | None = None  # pixel spacing (mm) of unlabelled PNG / TIFF slices
+    unlabeled_no_body: str | None = None  # CSV of unlabelled slices without a vertebral body (self-training)
     unlabeled_fingerprint: str = ""
 
 

@@ -42,8 +42,8 @@ from ..overlap import dice_per_structure
 from ..preprocess.pipeline import PreprocessCache, PreprocessConfig
 from ..progress import progress as progress_bar
 from .config import EXTENDABLE, config_differences, describe_value, resolve_config, validate_config
-from .data import (dataset_fingerprint, load_training_data, load_unlabeled, resolve_splits, training_cases,
-                   unlabeled_cases)
+from .data import (dataset_fingerprint, load_training_data, load_unlabeled, read_no_body_slices, resolve_splits,
+                   training_cases, unlabeled_cases)
 from .distributed import current as current_ranks, rank_seed
 from .losses import SegLoss
 from .runlog import RunLog
@@ -92,6 +92,7 @@ class Trainer:
                  device: str = "auto", cache: str | Path | None = None, overrides: dict | None = None,
                  progress: bool = True, splits_file: str | Path | None = None, sets: dict | None = None,
                  case_is_patient: bool = False, unlabeled: list | None = None, unlabeled_spacing: float | None = None,
+                 unlabeled_no_body: str | Path | None = None,
                  init: str | Path | None = None):
         self.out = Path(out)
         self.ranks = current_ranks()  # several processes under torchrun (see `train.distributed`)
@@ -114,6 +115,8 @@ class Trainer:
             if unlabeled:  # the same unlabelled images, possibly moved: checked by content below
                 self.cfg["run"].update(unlabeled=[str(Path(u).resolve()) for u in unlabeled],
                                        unlabeled_spacing=unlabeled_spacing)
+            if unlabeled_no_body is not None:
+                self.cfg["run"]["unlabeled_no_body"] = str(Path(unlabeled_no_body).resolve())
         else:
             if (self.out / "last.pt").exists():
                 raise SpinesegError("run folder already holds a training run (use --resume or another --out)", self.out)
@@ -122,13 +125,18 @@ class Trainer:
             self.cfg = resolve_config(model, config, overrides, sets)  # validated before anything else happens
             self.cfg["run"] = _run_options(data, fold, split, seed, case_is_patient, splits_file)
             self.cfg["run"].update(unlabeled=[str(Path(u).resolve()) for u in unlabeled or []],
-                                   unlabeled_spacing=unlabeled_spacing)
+                                   unlabeled_spacing=unlabeled_spacing,
+                                   unlabeled_no_body=None if unlabeled_no_body is None
+                                   else str(Path(unlabeled_no_body).resolve()))
         run = self.cfg["run"]
         seed_everything(run["seed"])
         tc = self.cfg["train"]
         if tc["pseudo_weight"] and not run.get("unlabeled"):  # before any data is read
             raise SpinesegError("train.pseudo_weight is set but there is nothing to self-train on: "
                                 "give the unlabelled images with --unlabeled")
+        if run.get("unlabeled_no_body") and not (run.get("unlabeled") and tc["pseudo_weight"]):
+            raise SpinesegError("--unlabeled-no-body names slices for self-training: it needs --unlabeled and "
+                                "train.pseudo_weight > 0", run["unlabeled_no_body"])
         self.device = self.ranks.device(device)
         if self.device.type == "cpu" and tc.get("threads"):
             torch.set_num_threads(int(tc["threads"]))
@@ -189,12 +197,17 @@ class Trainer:
             raise SpinesegError("--unlabeled images are given but train.domain_weight and train.pseudo_weight are 0, "
                                 "so they would be ignored")
         cases = unlabeled_cases(run["unlabeled"])
+        no_body_csv = run.get("unlabeled_no_body")
+        no_body = read_no_body_slices(no_body_csv, cases) if no_body_csv else None
         fingerprint = dataset_fingerprint(cases)
+        if no_body_csv:  # the slice list is part of what the run learns from
+            fingerprint = hashlib.sha1((fingerprint + repr(sorted(no_body))).encode()).hexdigest()
         if resume and run.get("unlabeled_fingerprint") and fingerprint != run["unlabeled_fingerprint"]:
-            raise SpinesegError("--unlabeled differs in content from the images this run was trained with; "
-                                "refusing to resume", run["unlabeled"][0])
+            raise SpinesegError("--unlabeled (or --unlabeled-no-body) differs in content from what this run was "
+                                "trained with; refusing to resume", run["unlabeled"][0])
         run["unlabeled_fingerprint"] = fingerprint
-        return load_unlabeled(cases, run.get("unlabeled_spacing"), self.pp, cache, self.progress)
+        return load_unlabeled(cases, run.get("unlabeled_spacing"), self.pp, cache, self.progress, no_body,
+                              no_body_csv)
 
     # the split actually trained on (kept as attributes for callers)
     @property
@@ -350,7 +363,7 @@ class Trainer:
             real = next(unlabeled) if unlabeled is not None else None
             logs = self.step(batch["image"].to(self.device), batch["label"].to(self.device), adversarial,
                              None if real is None else real["image"].to(self.device),
-                             None if real is None else real["spacing"])
+                             None if real is None else real["spacing"], None if real is None else real["no_body"])
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1

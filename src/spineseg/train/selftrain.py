@@ -18,6 +18,11 @@ This teaches the raw network the clean-up that post-processing does, on the real
 (pseudo-labelling after Lee 2013, with a plausibility filter in place of a confidence-only one). It also
 reinforces what the model already believes where anatomy cannot tell (a disc labelled as body is a
 plausible body), so it is off by default and kept only where it measurably helps.
+
+Slices known to lie at disc level (``train --unlabeled-no-body``: a slice list, e.g. from the fat fraction
+of a Dixon pair, where the disc has none and vertebral marrow a quarter or more) get that knowledge as a
+weak label: their target has no vertebral body, and every pixel the network calls body is a background
+target whatever its confidence. The change limit applies to the rest of the post-processing only.
 """
 
 from __future__ import annotations
@@ -27,32 +32,41 @@ import torch
 import torch.nn.functional as F
 
 from ..anatomy.order import check_slice, display_plane
-from ..anatomy.postprocess import anatomical_postprocess
+from ..anatomy.postprocess import BODY, anatomical_postprocess
 
 IGNORE = -100
 
 
 def pseudo_labels(probs: torch.Tensor, spacing: torch.Tensor, confidence: float,
-                  max_change: float = 1.0) -> tuple[torch.Tensor, int]:
+                  max_change: float = 1.0, no_body: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Targets ``(B, H, W)`` (``IGNORE`` where there is none) from softmax ``probs`` ``(B, C, H, W)`` of slices with
-    pixel ``spacing`` ``(B, 2)`` mm, and the number of accepted slices."""
+    pixel ``spacing`` ``(B, 2)`` mm, and the number of accepted slices. ``no_body`` ``(B,)``: slices known to hold
+    no vertebral body (disc level)."""
     conf, raw = probs.detach().float().max(1)
     conf, raw = conf.cpu().numpy(), raw.cpu().numpy().astype(np.uint8)
+    flagged = np.zeros(raw.shape[0], bool) if no_body is None else np.asarray(no_body, bool).reshape(-1)
     targets = np.full(raw.shape, IGNORE, np.int64)
     accepted = 0
     for b in range(raw.shape[0]):
         sp = tuple(float(x) for x in spacing[b])
         post = anatomical_postprocess(raw[b], sp)
+        if post_changed_too_much(post, raw[b], max_change):
+            continue
+        if flagged[b]:
+            post[post == BODY] = 0
         check = check_slice(post, display_plane(sp))
         if not (check["order"] and check["both_laminae"]):
             continue
         changed = post != raw[b]
-        if changed.sum() > max_change * max(int((raw[b] > 0).sum()), 1):
-            continue
         keep = (conf[b] >= confidence) | changed
         targets[b][keep] = post[keep]
         accepted += 1
     return torch.from_numpy(targets).to(probs.device), accepted
+
+
+def post_changed_too_much(post: np.ndarray, raw: np.ndarray, max_change: float) -> bool:
+    """Whether post-processing changed more than ``max_change`` of the raw foreground's pixels."""
+    return int((post != raw).sum()) > max_change * max(int((raw > 0).sum()), 1)
 
 
 class SelfTraining:
@@ -61,10 +75,11 @@ class SelfTraining:
     def __init__(self, weight: float, confidence: float, max_change: float = 1.0):
         self.weight, self.confidence, self.max_change = weight, confidence, max_change
 
-    def loss(self, logits: torch.Tensor, spacing: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def loss(self, logits: torch.Tensor, spacing: torch.Tensor,
+             no_body: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """The unweighted loss and the fraction of the batch's slices accepted."""
         targets, accepted = pseudo_labels(torch.softmax(logits.detach().float(), 1), spacing, self.confidence,
-                                           self.max_change)
+                                           self.max_change, no_body)
         if not accepted or not (targets != IGNORE).any():
             return logits.float().sum() * 0.0, accepted / logits.shape[0]
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE), accepted / logits.shape[0]

@@ -96,9 +96,11 @@ class GeneratorStep:
         return torch.autocast(self.device.type) if self.amp else contextlib.nullcontext()
 
     def __call__(self, image: torch.Tensor, labels: torch.Tensor, adversarial: bool,
-                 unlabeled: torch.Tensor | None = None, unlabeled_spacing: torch.Tensor | None = None) -> dict:
+                 unlabeled: torch.Tensor | None = None, unlabeled_spacing: torch.Tensor | None = None,
+                 unlabeled_no_body: torch.Tensor | None = None) -> dict:
         """One update. ``unlabeled``: a batch of real slices (pixel spacing ``unlabeled_spacing``, (B, 2) mm) for
-        domain adaptation and / or self-training (None: neither term)."""
+        domain adaptation and / or self-training (None: neither term); ``unlabeled_no_body`` (B,): those known to
+        hold no vertebral body."""
         logs = {}
         if adversarial:
             with torch.no_grad(), self._autocast():
@@ -123,7 +125,8 @@ class GeneratorStep:
                 logs["loss_domain"] = float(dom.detach())
                 loss = loss + self.domain.weight * dom
             if self.self_training is not None:
-                pseudo, logs["pseudo_accepted"] = self.self_training.loss(target_logits, unlabeled_spacing)
+                pseudo, logs["pseudo_accepted"] = self.self_training.loss(target_logits, unlabeled_spacing,
+                                                                          unlabeled_no_body)
                 logs["loss_pseudo"] = float(pseudo.detach())
                 loss = loss + self.self_training.weight * pseudo
         self.optimizer.zero_grad(set_to_none=True)
