@@ -10,7 +10,7 @@ failure the phantom test shows (the disc labelled as body) without any hand labe
     python results/dixon-disc/dixon_levels.py levels --model MODEL --out results/dixon-disc/levels.csv
     # 2. the disc-level slices of the training volume (TUM01) as a --unlabeled-no-body list
     python results/dixon-disc/dixon_levels.py no-body --levels results/dixon-disc/levels.csv \
-        --subjects TUM01 --out results/dixon-disc/no_body_TUM01.csv
+        --subjects TUM01 [--kinds water fat inphase] --out results/dixon-disc/no_body_TUM01.csv
     # 3. how often a model labels a disc as body, and finds the body at vertebral levels
     python results/dixon-disc/dixon_levels.py score --model MODEL --levels results/dixon-disc/levels.csv \
         --inphase runs/inphase --out results/dixon-disc/score_NAME.json
@@ -94,12 +94,14 @@ def _read_levels(path: Path) -> list[dict]:
 def no_body(a) -> None:
     rows = [r for r in _read_levels(a.levels) if r["subject"] in a.subjects and r["level"] == "disc"]
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    names = {"water": "{}_water_img_img_L2-L5.nii.gz", "fat": "{}_fat_img_img_L2-L5.nii.gz",
+             "inphase": "{}_inphase_L2-L5.nii.gz"}
     with open(a.out, "w", newline="") as fh:
         fh.write("image,slice\n")
         for r in rows:
-            for kind in ("water", "fat"):
-                fh.write(f"{r['subject']}_{kind}_img_img_L2-L5.nii.gz,{r['slice']}\n")
-    print(f"{len(rows)} disc-level slices x (water, fat) -> {a.out}")
+            for kind in a.kinds:
+                fh.write(f"{names[kind].format(r['subject'])},{r['slice']}\n")
+    print(f"{len(rows)} disc-level slices x ({', '.join(a.kinds)}) -> {a.out}")
 
 
 def score(a) -> None:
@@ -147,6 +149,8 @@ def main() -> None:
     p = sub.add_parser("no-body")
     p.add_argument("--levels", type=Path, required=True)
     p.add_argument("--subjects", nargs="+", default=["TUM01"])
+    p.add_argument("--kinds", nargs="+", choices=["water", "fat", "inphase"], default=["water", "fat"],
+                   help="which images of each subject the list names (in-phase: dixon_inphase.py's file names)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=no_body)
     p = sub.add_parser("score")
