@@ -44,7 +44,7 @@ def main() -> None:
     for run, r in out.items():
         print(f"{run:<4} " + " ".join(f"{'/'.join(str(r['sanity'][s][k]) for k in ('raw', 'post', 'both_laminae_post')):>14}"
                                       for s in SETS + ("all",)))
-    print("\nrun  disc slices labelled body (water, in-phase; TUM01 | TUM02)   vertebra slices with a body (same)")
+    print("\nrun  disc slices labelled body: TUM01 water, in-phase; TUM02 water, in-phase, fat    vertebra slices with a body (same)")
     for run, r in out.items():
         d = r["dixon"]
         disc = " ".join(f"{d[k]['disc_labelled_body']}/{d[k]['disc_slices']}" for k in
