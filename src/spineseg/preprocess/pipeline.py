@@ -273,13 +273,12 @@ def probabilities_to_labels(probs: np.ndarray, g: Geometry) -> np.ndarray:
         return out
     rows, cols = np.flatnonzero(near.any(1)), np.flatnonzero(near.any(0))
     # the ROI on the resized grid: the window's probabilities, zero (every class) around them
-    roi = np.zeros((len(probs), rh, rw), np.float32)
+    roi = np.zeros((len(probs), rh, rw), np.float64)
     roi[:, wr0:wr1, wc0:wc1] = part
     ri0, ri1, rf = _linear_taps(rh, h)
     ci0, ci1, cf = _linear_taps(rw, w)
     rs = _touching(ri0, ri1, wr0 + rows[0], wr0 + rows[-1])
     cs = _touching(ci0, ci1, wc0 + cols[0], wc0 + cols[-1])
-    roi = roi.astype(np.float64)
     f = rf[rs, None]
     across = roi[:, ri0[rs]] * (1.0 - f) + roi[:, ri1[rs]] * f
     f = cf[cs]
