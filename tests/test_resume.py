@@ -266,14 +266,22 @@ def test_slices_known_to_hold_no_body_reach_self_training_and_are_part_of_the_ru
     with pytest.raises(SpinesegError, match="differs in content"):
         Trainer(None, None, tmp_path / "nb", resume=True, sets={"train": {"epochs": 2}}, progress=False,
                 cache=tmp_path / "cache", unlabeled_no_body=other)
-    # bad lists and missing self-training: one clear error naming the file
-    for text, problem in ((f"image,slice\nnot-an-image.nii.gz,0\n", "not one of the --unlabeled images"),
-                          (f"image,slice\n{images[0].name},x\n", "not a whole number"),
-                          (f"image,slice\n{images[0].name},5\n", "slice 5 of .* does not exist"),
-                          ("case,index\nA,0\n", "columns image,slice")):
+    # bad lists and missing self-training: one clear error naming the file; all but a slice the images do not
+    # have (known only once they are read) before any data is preprocessed
+    import spineseg.train.loop as loop_module
+
+    def no_preprocessing(*args, **kwargs):
+        raise AssertionError("the labelled data were preprocessed before the slice list was checked")
+
+    for text, problem, early in ((f"image,slice\nnot-an-image.nii.gz,0\n", "not one of the --unlabeled images", True),
+                                 (f"image,slice\n{images[0].name},x\n", "not a whole number", True),
+                                 ("case,index\nA,0\n", "columns image,slice", True),
+                                 (f"image,slice\n{images[0].name},5\n", "slice 5 of .* does not exist", False)):
         bad = tmp_path / "bad.csv"
         bad.write_text(text)
-        with pytest.raises(SpinesegError, match=problem) as err:
+        with monkeypatch.context() as m, pytest.raises(SpinesegError, match=problem) as err:
+            if early:
+                m.setattr(loop_module, "load_training_data", no_preprocessing)
             Trainer(small_phantom, "unet", tmp_path / "bad", sets=sets, unlabeled_no_body=bad, **kw)
         assert err.value.path == bad.resolve() or str(err.value.path) == str(bad.resolve())
     with pytest.raises(SpinesegError, match="needs --unlabeled and train.pseudo_weight"):

@@ -150,8 +150,13 @@ class Trainer:
                                 data or run["data"])
         run["data_fingerprint"] = fingerprint
         splits = resolve_splits(cases, run["split"], self.out / "splits.json", run.get("splits_file"))
+        unlabeled = self._unlabeled_inputs(run, resume)  # a bad slice list fails before any preprocessing
         self.data = load_training_data(cases, splits, run["fold"], self.pp, PreprocessCache(cache), self.progress)
-        self.unlabeled = self._load_unlabeled(run, resume, PreprocessCache(cache))
+        self.unlabeled = []
+        if unlabeled is not None:
+            unlabeled_cases_, no_body, no_body_csv = unlabeled
+            self.unlabeled = load_unlabeled(unlabeled_cases_, run.get("unlabeled_spacing"), self.pp,
+                                            PreprocessCache(cache), self.progress, no_body, no_body_csv)
 
         self.model = model_from_config(self.cfg).to(self.device)
         size = self.pp.target_size
@@ -189,10 +194,11 @@ class Trainer:
         elif init_ck is not None:
             self._warm_start(init_src, init_ck)
 
-    def _load_unlabeled(self, run: dict, resume: bool, cache: PreprocessCache) -> list:
-        """Preprocessed unlabelled real slices for domain adaptation / self-training ([] when the run has none)."""
+    def _unlabeled_inputs(self, run: dict, resume: bool) -> tuple | None:
+        """The unlabelled real images for domain adaptation / self-training, checked: ``(cases, no-body slices,
+        their list's path)``, or None when the run has none."""
         if not run.get("unlabeled"):
-            return []
+            return None
         if not (self.cfg["train"]["domain_weight"] or self.cfg["train"]["pseudo_weight"]):
             raise SpinesegError("--unlabeled images are given but train.domain_weight and train.pseudo_weight are 0, "
                                 "so they would be ignored")
@@ -206,8 +212,7 @@ class Trainer:
             raise SpinesegError("--unlabeled (or --unlabeled-no-body) differs in content from what this run was "
                                 "trained with; refusing to resume", run["unlabeled"][0])
         run["unlabeled_fingerprint"] = fingerprint
-        return load_unlabeled(cases, run.get("unlabeled_spacing"), self.pp, cache, self.progress, no_body,
-                              no_body_csv)
+        return cases, no_body, no_body_csv
 
     # the split actually trained on (kept as attributes for callers)
     @property
