@@ -13,7 +13,9 @@ probabilities back, post-processing), per slice. ``seconds_per_slice`` is the me
 bf16 rows run only where the processor has native bfloat16 (``spineseg.infer.engine.native_bf16``);
 elsewhere one emulated row of the small configuration shows why predict refuses it. Each value is the
 median of ``--repeats`` runs after a warm-up; other processes on the machine are not controlled, so the
-JSON records the load average of every row and before / after every run.
+JSON records the load average of every row and before / after every run. ``load``: seconds to load
+each model in fp32; on onnx from a checkpoint once with an empty graph cache (the one-time export) and
+once cached (every later run).
 
 ``--compare-bf16`` predicts a phantom data set's images with fp32 and with bf16 autocast (emulated if
 need be) and reports the Dice of each against the ground truth and between the two.
@@ -90,7 +92,7 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
     import torch
 
     native = native_bf16(torch.device("cpu"))
-    rows = []
+    rows, loads = [], []
     volume = _phantom_volume(max(args.batches))
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
@@ -102,10 +104,12 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
                 precisions = ["fp32"] + (["bf16"] if engine == "torch" and (native or config == "cpu-quick") else [])
                 for precision in precisions:
                     emulated = precision == "bf16" and not native
+                    if precision == "fp32":
+                        loads.extend(_load_rows(config, engine, checkpoint, args.threads, Path(tmp)))
                     predictor = Predictor(checkpoint, device="cpu", threads=args.threads, engine=engine,
                                           precision=precision, require_native_bf16=False)
                     size = predictor.pp.target_size
-                    gflop = _gflop_per_slice(Predictor(checkpoint, device="cpu", threads=args.threads).model, size)
+                    gflop = _gflop_per_slice(Predictor(checkpoint, device="cpu", threads=args.threads, engine="torch").model, size)
                     x = np.stack([preprocess_slice(volume.data[i], volume.spacing, predictor.pp)[0]
                                   for i in range(volume.num_slices)])[:, None]
                     for batch in ([1] if emulated else args.batches):
@@ -139,7 +143,31 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
                 ratios.append({k: r[k] for k in ("config", "engine", "batch", "what")}
                               | {"fp32_over_bf16": round(f["seconds_per_slice"] / r["seconds_per_slice"], 3),
                                  "native_bf16": native})
-    return rows, ratios
+    return rows, ratios, loads
+
+
+def _load_rows(config: str, engine: str, checkpoint, threads: int, tmp: Path) -> list[dict]:
+    """Seconds to load a model: on onnx from a checkpoint, once with an empty graph cache (export) and
+    once from the cache (what every later run pays)."""
+    from spineseg.infer.predict import Predictor
+
+    cache = tempfile.mkdtemp(dir=tmp)
+    old = os.environ.get("SPINESEG_CACHE")
+    os.environ["SPINESEG_CACHE"] = cache
+    rows = []
+    try:
+        for state in (["empty cache", "cached"] if engine == "onnx" else ["-"]):
+            t = time.perf_counter()
+            Predictor(checkpoint, device="cpu", threads=threads, engine=engine)
+            rows.append({"config": config, "engine": engine, "graph_cache": state,
+                         "load_seconds": round(time.perf_counter() - t, 3)})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        if old is None:
+            os.environ.pop("SPINESEG_CACHE", None)
+        else:
+            os.environ["SPINESEG_CACHE"] = old
+    return rows
 
 
 def _phantom_subvolume(volume, n: int):
@@ -174,7 +202,7 @@ def compare_bf16(args) -> dict:
             preds = {}
             for precision in ("fp32", "bf16"):
                 p = Predictor(checkpoint, device="cpu", threads=args.threads, precision=precision,
-                              require_native_bf16=False)
+                              engine="torch", require_native_bf16=False)
                 t = time.perf_counter()
                 preds[precision] = [p.predict_volume(im) for im in images]
                 preds[precision + "_seconds_per_slice"] = (time.perf_counter() - t) / len(truths)
@@ -219,7 +247,8 @@ def main():
     if a.compare_bf16:
         result["bf16_agreement"] = compare_bf16(a)
     else:
-        rows, ratios = speed_rows(a)
+        rows, ratios, loads = speed_rows(a)
+        result["load"] = [r for r in result.get("load", []) if r["config"] not in a.configs] + loads
         # rows of other configs, or of these at another thread count, stay
         keep = [r for r in result.get("rows", []) if r["config"] not in a.configs or r["threads"] != a.threads]
         result["rows"] = keep + rows

@@ -9,6 +9,19 @@ if not REALDATA.exists():  # a clone may sit elsewhere; CI runs with shared/ bes
     REALDATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "realdata"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory):
+    """Exported graphs go to a cache of this test session's own, never the user's."""
+    path = tmp_path_factory.mktemp("spineseg-cache")
+    old = os.environ.get("SPINESEG_CACHE")
+    os.environ["SPINESEG_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SPINESEG_CACHE", None)
+    else:
+        os.environ["SPINESEG_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def small_phantom(tmp_path_factory):
     """8 virtual patients x 2 slices at 128 x 128 (200 mm field of view)."""

@@ -33,7 +33,7 @@ def test_onnx_logits_match_pytorch_on_a_phantom_slice(exported, phantom_input):
     import onnxruntime as ort
 
     _, x = phantom_input
-    model = Predictor("pretrained", threads=2).model
+    model = Predictor("pretrained", threads=2, engine="torch").model
     with torch.no_grad():
         reference = model(torch.from_numpy(x)[None, None]).numpy()
     session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
@@ -79,3 +79,68 @@ def test_export_refusals_are_one_line(tmp_path, capsys):
     assert len(err) == 3 and all(line.startswith("spineseg: error: ") for line in err), err
     assert "does not exist" in err[0] and "not found" in err[1] and "ONNX" in err[2]
     assert not (tmp_path / "m.onnx").exists()
+
+
+def _logits(predictor, x):
+    return predictor.engine.logits(x[None, None])
+
+
+def test_a_checkpoint_runs_on_onnx_by_default_from_a_cached_export(phantom_input, tmp_path, monkeypatch):
+    import spineseg.models.export as export
+
+    _, x = phantom_input
+    monkeypatch.setenv("SPINESEG_CACHE", str(tmp_path / "cache"))
+    first = Predictor("pretrained", device="cpu", threads=2)
+    assert first.engine.name == "onnx"
+    cached = list((tmp_path / "cache" / "onnx").glob("*.onnx"))
+    assert len(cached) == 1
+    reference = _logits(Predictor("pretrained", device="cpu", threads=2, engine="torch"), x)
+    assert np.abs(_logits(first, x) - reference).max() <= 1e-4
+
+    def no_export(checkpoint):
+        raise AssertionError("exported again although the graph is cached")
+
+    monkeypatch.setattr(export, "checkpoint_onnx_bytes", no_export)
+    again = Predictor("pretrained", device="cpu", threads=2)  # from the cache: no export
+    assert again.engine.name == "onnx" and np.abs(_logits(again, x) - reference).max() <= 1e-4
+    monkeypatch.undo()
+    monkeypatch.setenv("SPINESEG_CACHE", str(tmp_path / "cache"))
+    cached[0].write_bytes(b"damaged")  # a damaged entry is exported again and replaced
+    repaired = Predictor("pretrained", device="cpu", threads=2)
+    assert np.abs(_logits(repaired, x) - reference).max() <= 1e-4 and cached[0].stat().st_size > 10**6
+    # torch where onnx does not apply: bf16 (onnx runs fp32 only)
+    assert Predictor("pretrained", device="cpu", precision="bf16", require_native_bf16=False).engine.name == "torch"
+
+
+def test_a_changed_checkpoint_file_is_never_run_from_a_stale_graph(phantom_input, tmp_path, monkeypatch):
+    _, x = phantom_input
+    monkeypatch.setenv("SPINESEG_CACHE", str(tmp_path / "cache"))
+    ck = load_checkpoint(resolve_checkpoint("pretrained"))
+    path = tmp_path / "model.pt"
+    torch.save(ck, path)
+    before = _logits(Predictor(path, device="cpu", threads=2), x)
+    ck["model"]["head.bias"] = ck["model"]["head.bias"] + torch.tensor([0.0, 5.0, 0.0, 0.0]).to(ck["model"]["head.bias"])
+    torch.save(ck, path)  # same path, new weights
+    after = Predictor(path, device="cpu", threads=2)
+    assert after.engine.name == "onnx"
+    assert np.abs(_logits(after, x) - before).max() > 4.0
+    assert np.abs(_logits(after, x) - _logits(Predictor(path, device="cpu", threads=2, engine="torch"), x)).max() <= 1e-3
+
+
+def test_without_a_writable_cache_or_a_traceable_graph_predict_still_runs(phantom_input, tmp_path, monkeypatch):
+    import spineseg.models.export as export
+
+    _, x = phantom_input
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SPINESEG_CACHE", str(tmp_path / "file"))  # a file: the cache folder cannot be made
+    p = Predictor("pretrained", device="cpu", threads=2)
+    assert p.engine.name == "onnx" and _logits(p, x).shape == (1, 4, 192, 192)
+
+    def fails(checkpoint):
+        raise RuntimeError("cannot trace")
+
+    monkeypatch.setattr(export, "checkpoint_onnx_bytes", fails)
+    with pytest.warns(UserWarning, match="cannot run on onnxruntime"):
+        assert Predictor("pretrained", device="cpu", threads=2).engine.name == "torch"
+    with pytest.raises(RuntimeError):  # asked for by name, onnx does not fall back
+        Predictor("pretrained", device="cpu", threads=2, engine="onnx")

@@ -121,9 +121,11 @@ def test_threads_default_to_every_available_core(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     try:
-        p = Predictor("pretrained")
-        assert p.threads == 3 and torch.get_num_threads() == 3 and p.describe()["threads"] == 3
-        assert Predictor("pretrained", threads=1).threads == 1 and torch.get_num_threads() == 1
+        p = Predictor("pretrained", device="cpu")  # onnx, the CPU default
+        assert p.threads == 3 and p.describe()["threads"] == 3
+        assert p.engine.session.get_session_options().intra_op_num_threads == 3
+        assert Predictor("pretrained", engine="torch").threads == 3 and torch.get_num_threads() == 3
+        assert Predictor("pretrained", engine="torch", threads=1).threads == 1 and torch.get_num_threads() == 1
         with pytest.raises(SpinesegError, match="at least 1"):  # 0 is a mistake, not "every core"
             Predictor("pretrained", threads=0)
     finally:
@@ -196,14 +198,14 @@ def test_flip_tta_is_left_right_equivariant_and_none_is_one_pass():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 1, 64, 64)).astype(np.float32)
     x[1] = x[0] * 0.5 + rng.normal(size=(1, 64, 64)) * 0.5  # two different slices in one batch
-    flip = Predictor("pretrained", threads=1, tta="flip")
+    flip = Predictor("pretrained", threads=1, tta="flip", engine="torch")  # any input size
     p = flip.batch_probabilities(x)
     assert np.allclose(p.sum(1), 1.0, atol=1e-5)
     # the mirror image's prediction is the mirrored prediction (left-right only: not up-down) ...
     assert np.allclose(flip.batch_probabilities(x[..., ::-1]), p[..., ::-1], atol=1e-5)
     assert not np.allclose(flip.batch_probabilities(x[..., ::-1, :]), p[..., ::-1, :], atol=1e-3)
     # ... the mean of the two passes, slice by slice, which one network pass is not
-    once = Predictor("pretrained", threads=1, tta="none")
+    once = Predictor("pretrained", threads=1, tta="none", engine="torch")
     single, mirrored = once.batch_probabilities(x), once.batch_probabilities(x[..., ::-1])[..., ::-1]
     assert not np.allclose(single, mirrored, atol=1e-3)
     assert np.allclose(p, 0.5 * (single + mirrored), atol=1e-5)

@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run the network")
     s.add_argument("--engine", choices=["torch", "onnx"], default=None,
-                   help="torch or onnxruntime (fp32, CPU); default: onnx for an .onnx model, else torch")
+                   help="torch or onnxruntime (fp32, CPU); default: onnx on the CPU in fp32 (a .pt is exported once and cached), else torch")
     s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: autocast, only where the processor has native bfloat16")
     s.add_argument("--batch-size", type=int, default=1, help="slices per network call")
