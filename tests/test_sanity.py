@@ -221,6 +221,8 @@ def test_cli_on_a_folder_of_png_slices(tmp_path, capsys):
         assert int(r["regions_lamina_post"]) <= int(r["regions_lamina_raw"])
     report = json.loads((out / "sanity.json").read_text())
     assert report["inputs"]["pngs"]["slices"] == 2 and set(report["overall"]) == {"slices", "raw", "post"}
+    import torch
+    assert report["engine"] == ("torch" if torch.cuda.is_available() else "onnx")  # the default engine, recorded
     assert [p.name for p in out.glob("montage_*.png")] == ["montage_pngs.png"]
     assert main(["sanity", "--model", "pretrained", "--input", str(folder), "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
