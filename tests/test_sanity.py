@@ -223,6 +223,9 @@ def test_cli_on_a_folder_of_png_slices(tmp_path, capsys):
     assert report["inputs"]["pngs"]["slices"] == 2 and set(report["overall"]) == {"slices", "raw", "post"}
     import torch
     assert report["engine"] == ("torch" if torch.cuda.is_available() else "onnx")  # the default engine, recorded
+    assert main(["sanity", "--model", "pretrained", "--input", str(folder), "--spacing", "1.25", "--out",
+                 str(tmp_path / "t"), "--engine", "torch", "--quiet"]) == 0
+    assert json.loads((tmp_path / "t" / "sanity.json").read_text())["engine"] == "torch"
     assert [p.name for p in out.glob("montage_*.png")] == ["montage_pngs.png"]
     assert main(["sanity", "--model", "pretrained", "--input", str(folder), "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err

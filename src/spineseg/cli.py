@@ -229,7 +229,7 @@ def cmd_sanity(a) -> int:
             assert len(slices) == 2
         except (ValueError, AssertionError):
             raise SpinesegError(f"--slices must look like a:b (got {a.slices!r})") from None
-    pred = Predictor(a.model, device=a.device, postprocess=a.postprocess, tta=a.tta)
+    pred = Predictor(a.model, device=a.device, postprocess=a.postprocess, tta=a.tta, engine=a.engine)
     rep = run_sanity(pred, a.input, a.out, spacing=a.spacing, slices=slices, progress=not a.quiet)
     for r in rep["rows"]:
         if not (r["order_raw"] and r["order_post"]):
@@ -471,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tta(s)
     s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run the network")
+    s.add_argument("--engine", choices=["torch", "onnx"], default=None,
+                   help="as in predict (default: onnx on the CPU in fp32, else torch)")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_sanity)
 
