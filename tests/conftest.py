@@ -13,13 +13,9 @@ if not REALDATA.exists():  # a clone may sit elsewhere; CI runs with shared/ bes
 def onnx_cache(tmp_path_factory):
     """Exported graphs go to a cache of this test session's own, never the user's."""
     path = tmp_path_factory.mktemp("spineseg-cache")
-    old = os.environ.get("SPINESEG_CACHE")
-    os.environ["SPINESEG_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("SPINESEG_CACHE", None)
-    else:
-        os.environ["SPINESEG_CACHE"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPINESEG_CACHE", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,7 @@ class LoadedModel:
     source: Path
     checkpoint: dict | None = field(default=None, repr=False)  # None for an ONNX file
     onnx: bytes | None = field(default=None, repr=False)
-    sha256: str = ""  # of the file read
+    sha256: str = ""  # of a checkpoint file: the key of its exported graph in the cache
 
 
 def onnx_cache_dir() -> Path:
@@ -100,7 +100,7 @@ def checkpoint_graph(loaded: LoadedModel) -> bytes:
 
 def load_for_inference(path: str | Path) -> LoadedModel:
     """A spineseg checkpoint (``.pt``) or an ONNX file written by ``spineseg export``."""
-    from ..models.checkpoint import load_checkpoint
+    from ..models.checkpoint import load_checkpoint, read_checkpoint_file
 
     path = Path(path)
     if path.suffix.lower() == ".onnx":
@@ -110,12 +110,11 @@ def load_for_inference(path: str | Path) -> LoadedModel:
             raise SpinesegError("ONNX model not found", path)
         data = path.read_bytes()
         meta = onnx_metadata(data, path)
-        return LoadedModel(meta["config"], meta["preprocess"], meta.get("model_name") or "?", path, onnx=data,
-                           sha256=hashlib.sha256(data).hexdigest())
-    ck = load_checkpoint(path, map_location="cpu")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return LoadedModel(meta["config"], meta["preprocess"], meta.get("model_name") or "?", path, onnx=data)
+    data = read_checkpoint_file(path)  # read once: the weights and the graph cache's key come from the same bytes
+    ck = load_checkpoint(path, map_location="cpu", data=data)
     return LoadedModel(ck["config"], ck["preprocess"], ck.get("model_name") or "?", path, checkpoint=ck,
-                       sha256=digest)
+                       sha256=hashlib.sha256(data).hexdigest())
 
 
 class TorchEngine:
@@ -179,22 +178,23 @@ def make_engine(loaded: LoadedModel, engine: str | None = None, device: str = "a
         raise SpinesegError(f"precision must be one of {PRECISIONS}")
     if threads < 1:
         raise SpinesegError(f"--threads must be at least 1 (got {threads})")
-    if engine is None and loaded.onnx is None:
-        engine = "onnx" if precision == "fp32" and pick_device(device).type == "cpu" else "torch"
-        if engine == "onnx":
-            try:
-                return make_engine(loaded, "onnx", device, precision, threads, require_native_bf16)
-            except Exception as exc:  # e.g. segnet: the tracer cannot follow max_unpool2d's size check
-                warnings.warn(f"{loaded.source}: cannot run on onnxruntime (export failed: {type(exc).__name__}); "
-                              "running on torch", stacklevel=2)
-                engine = "torch"
-    engine = engine or "onnx"
+    # a checkpoint left to the default falls back to torch where its graph cannot be exported
+    fallback = engine is None and loaded.onnx is None
+    if engine is None:
+        engine = ("onnx" if loaded.onnx is not None or (precision == "fp32" and pick_device(device).type == "cpu")
+                  else "torch")
     if engine == "onnx":
         if precision != "fp32":
             raise SpinesegError("the onnx engine runs in fp32 only; use --engine torch for bf16")
         if device == "cuda":
             raise SpinesegError("the onnx engine runs on the CPU only; use --engine torch for --device cuda")
-        return OnnxEngine(loaded, threads)
+        try:
+            return OnnxEngine(loaded, threads)
+        except Exception as exc:  # e.g. segnet: the tracer cannot follow max_unpool2d's size check
+            if not fallback:
+                raise
+            warnings.warn(f"{loaded.source}: cannot run on onnxruntime (export failed: {type(exc).__name__}); "
+                          "running on torch", stacklevel=2)
     dev = pick_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(threads)

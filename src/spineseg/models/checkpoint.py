@@ -7,6 +7,7 @@ resume state (optimisers, critic, RNG states, epoch, ...).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -51,14 +52,23 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def read_checkpoint_file(path: str | Path) -> bytes:
+    """The bytes of a checkpoint file, with one clear error for a missing file or a folder."""
     path = Path(path)
     if not path.exists():
         raise SpinesegError("checkpoint not found", path)
     if path.is_dir():
         raise SpinesegError("is a folder, not a checkpoint file (give RUN/best.pt)", path)
+    return path.read_bytes()
+
+
+def load_checkpoint(path: str | Path, map_location="cpu", data: bytes | None = None) -> dict:
+    """The checkpoint at ``path``; ``data``: its bytes, where the caller has read them already."""
+    path = Path(path)
+    if data is None:
+        data = read_checkpoint_file(path)
     try:
-        ck = torch.load(path, map_location=map_location, weights_only=True)
+        ck = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:
         raise SpinesegError(f"not a readable spineseg checkpoint ({type(exc).__name__})", path) from None
     if not isinstance(ck, dict) or not {"model", "config", "preprocess"} <= set(ck):
