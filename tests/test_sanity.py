@@ -1,5 +1,7 @@
 import csv
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from scipy import ndimage as ndi
 from spineseg.cli import main
 from spineseg.data.phantom import phantom_slice
 from spineseg.anatomy.order import check_slice
+from spineseg.models.checkpoint import resolve_checkpoint
 from spineseg.eval.sanity import check_image, display_to_world, plane_to_world, run_sanity
 from spineseg.io.images import _LPS_TO_RAS, Image, read_image, read_label, save_nifti, save_png, slice_affine
 
@@ -223,6 +226,9 @@ def test_cli_on_a_folder_of_png_slices(tmp_path, capsys):
     assert report["inputs"]["pngs"]["slices"] == 2 and set(report["overall"]) == {"slices", "raw", "post"}
     import torch
     assert report["engine"] == ("torch" if torch.cuda.is_available() else "onnx")  # the default engine, recorded
+    shipped = resolve_checkpoint("pretrained")  # the report names the very file that ran
+    assert report["model_sha256"] == hashlib.sha256(Path(shipped).read_bytes()).hexdigest()
+    assert report["checkpoint"] == str(shipped)
     assert main(["sanity", "--model", "pretrained", "--input", str(folder), "--spacing", "1.25", "--out",
                  str(tmp_path / "t"), "--engine", "torch", "--quiet"]) == 0
     assert json.loads((tmp_path / "t" / "sanity.json").read_text())["engine"] == "torch"

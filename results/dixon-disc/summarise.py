@@ -2,9 +2,10 @@
 
     python results/dixon-disc/summarise.py   ->  results/dixon-disc/summary.json (and a printed table)
 
-Each run folder holds what ``evalset`` wrote for one model: ``sanity.csv`` (``spineseg sanity``, default
-settings, the seven real inputs), ``dixon.json`` (``dixon_levels.py score``) and the phantom test's
-``phantom-test-summary.json`` / ``phantom-test-by_position.json`` (``spineseg evaluate``).
+Each run folder holds three checks of one model, made with the commands in README.md ("Runs"):
+``sanity.csv`` (``spineseg sanity``, default settings, the seven real inputs), ``dixon.json``
+(``dixon_levels.py score``) and the phantom test's ``phantom-test-summary.json`` /
+``phantom-test-by_position.json`` (``spineseg predict`` then ``spineseg evaluate``).
 """
 
 import csv

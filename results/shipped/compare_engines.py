@@ -4,8 +4,9 @@
     python results/shipped/compare_engines.py --onnx results/shipped/sanity --torch runs/sanity-torch \
         --out results/shipped/engine_agreement.json
 
-Compares the two sanity.csv files row by row: the verdicts (order raw / post, both laminae, body found)
-and the largest difference of any area.
+Compares the two sanity.csv files row by row: the verdicts (order raw / post, both laminae, body found),
+each slice whose verdicts differ (with both engines' reasons), and the largest difference of any area
+(where, and the two values).
 """
 
 import argparse
@@ -28,10 +29,17 @@ def compare(onnx: Path, torch: Path) -> dict:
         raise SystemExit("the two sanity runs did not see the same slices")
     areas = [k for k in a[0] if k.startswith("area_") and "warning" not in k]
     differ = {v: sum(x[v] != y[v] for x, y in zip(a, b)) for v in VERDICTS}
-    delta = max(abs(float(x[k] or 0) - float(y[k] or 0)) for x, y in zip(a, b) for k in areas)
+    slices = [{"input": x["input"], "source": x["source"], "slice": int(x["slice"]),
+               **{v: {"onnx": x[v], "torch": y[v]} for v in VERDICTS if x[v] != y[v]},
+               "reason_raw": {"onnx": x["reason_raw"], "torch": y["reason_raw"]}}
+              for x, y in zip(a, b) if any(x[v] != y[v] for v in VERDICTS)]
+    gap = max(((abs(float(x[k] or 0) - float(y[k] or 0)), x, y, k) for x, y in zip(a, b) for k in areas),
+              key=lambda t: t[0])
     engines = [json.loads((d / "sanity.json").read_text()).get("engine") for d in (onnx, torch)]
-    return {"slices": len(a), "engines": engines, "verdicts_that_differ": differ,
-            "max_area_difference_mm2": round(delta, 2)}
+    return {"slices": len(a), "engines": engines, "verdicts_that_differ": differ, "slices_that_differ": slices,
+            "max_area_difference_mm2": round(gap[0], 2),
+            "max_area_difference_at": {"input": gap[1]["input"], "slice": int(gap[1]["slice"]), "area": gap[3],
+                                       "onnx": float(gap[1][gap[3]] or 0), "torch": float(gap[2][gap[3]] or 0)}}
 
 
 if __name__ == "__main__":

@@ -198,7 +198,8 @@ def run_sanity(predictor, inputs, out, spacing: float | None = None, slices: tup
     w.writeheader()
     w.writerows(all_rows)
     atomic_write_text(out / "sanity.csv", buf.getvalue())
-    report = {"model": getattr(predictor, "name", "?"), "postprocess": getattr(predictor, "postprocess", "?"),
+    report = {"model": getattr(predictor, "name", "?"), "checkpoint": str(getattr(predictor, "source", "?")),
+              "model_sha256": getattr(predictor, "sha256", "?"), "postprocess": getattr(predictor, "postprocess", "?"),
               "tta": getattr(predictor, "tta", "?"), "engine": getattr(getattr(predictor, "engine", None), "name", "?"),
               "overall": summarise(all_rows), "inputs": per_input,
               "rule": "order: canal and laminae present; body present or absent (disc level); body and canal one "

@@ -56,7 +56,7 @@ class LoadedModel:
     source: Path
     checkpoint: dict | None = field(default=None, repr=False)  # None for an ONNX file
     onnx: bytes | None = field(default=None, repr=False)
-    sha256: str = ""  # of a checkpoint file: the key of its exported graph in the cache
+    sha256: str = ""  # of the model file (for a checkpoint also the key of its exported graph in the cache)
 
 
 def onnx_cache_dir() -> Path:
@@ -110,7 +110,8 @@ def load_for_inference(path: str | Path) -> LoadedModel:
             raise SpinesegError("ONNX model not found", path)
         data = path.read_bytes()
         meta = onnx_metadata(data, path)
-        return LoadedModel(meta["config"], meta["preprocess"], meta.get("model_name") or "?", path, onnx=data)
+        return LoadedModel(meta["config"], meta["preprocess"], meta.get("model_name") or "?", path, onnx=data,
+                           sha256=hashlib.sha256(data).hexdigest())
     data = read_checkpoint_file(path)  # read once: the weights and the graph cache's key come from the same bytes
     ck = load_checkpoint(path, map_location="cpu", data=data)
     return LoadedModel(ck["config"], ck["preprocess"], ck.get("model_name") or "?", path, checkpoint=ck,

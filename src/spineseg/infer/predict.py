@@ -94,7 +94,7 @@ class Predictor:
             raise SpinesegError(f"--batch-size must be at least 1 (got {batch_size})")
         self.postprocess, self.batch_size = postprocess, int(batch_size)
         loaded = load_for_inference(resolve_checkpoint(checkpoint))
-        self.source = loaded.source
+        self.source, self.sha256 = loaded.source, loaded.sha256
         self.config = loaded.config
         self.pp = PreprocessConfig.from_dict(loaded.preprocess)
         self.name = loaded.name
@@ -108,7 +108,8 @@ class Predictor:
 
     def describe(self) -> dict:
         """What produced the predictions: model, engine and preprocessing (for reports)."""
-        return {"checkpoint": str(self.source), "model_name": self.name, "model": self.config.get("model", {}),
+        return {"checkpoint": str(self.source), "sha256": self.sha256, "model_name": self.name,
+                "model": self.config.get("model", {}),
                 "preprocess": self.pp.to_dict(), "engine": self.engine.name, "precision": self.engine.precision,
                 "threads": self.threads, "batch_size": self.batch_size, "postprocess": self.postprocess, "tta": self.tta,
                 "spineseg": __version__}
