@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 from pathlib import Path
 
@@ -54,12 +53,6 @@ def fat_fraction(water: np.ndarray, fat: np.ndarray) -> np.ndarray:
     return f / np.maximum(w + f, 1e-3 * float(np.max(w + f)))
 
 
-def _sha256(path) -> str:
-    from spineseg.infer.predict import resolve_checkpoint
-
-    return hashlib.sha256(Path(resolve_checkpoint(path)).read_bytes()).hexdigest()
-
-
 def levels(a) -> None:
     from spineseg.infer.predict import Predictor
 
@@ -78,7 +71,7 @@ def levels(a) -> None:
                          "level": level})
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "w", newline="") as fh:
-        fh.write(f"# reference model sha256 {_sha256(a.model)}; body region on the water image, post-processed\n")
+        fh.write(f"# reference model sha256 {predictor.sha256}; body region on the water image, post-processed\n")
         w = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
@@ -110,7 +103,7 @@ def score(a) -> None:
 
     ref = {(r["subject"], int(r["slice"])): r["level"] for r in _read_levels(a.levels)}
     predictor = Predictor(a.model, device="cpu", batch_size=4)
-    out = {"model_sha256": _sha256(a.model), "levels": str(a.levels), "images": {}}
+    out = {"model_sha256": predictor.sha256, "levels": str(a.levels), "images": {}}
     for subject in SUBJECTS:
         water, fat = _images(a.dixon, subject)
         ff = fat_fraction(water.data, fat.data)

@@ -28,11 +28,12 @@ def compare(onnx: Path, torch: Path) -> dict:
     if keys != [(r["input"], r["source"], r["slice"]) for r in b]:
         raise SystemExit("the two sanity runs did not see the same slices")
     areas = [k for k in a[0] if k.startswith("area_") and "warning" not in k]
-    differ = {v: sum(x[v] != y[v] for x, y in zip(a, b)) for v in VERDICTS}
+    changed = [(x, y, [v for v in VERDICTS if x[v] != y[v]]) for x, y in zip(a, b)]
+    differ = {v: sum(v in vs for _, _, vs in changed) for v in VERDICTS}
     slices = [{"input": x["input"], "source": x["source"], "slice": int(x["slice"]),
-               **{v: {"onnx": x[v], "torch": y[v]} for v in VERDICTS if x[v] != y[v]},
+               **{v: {"onnx": x[v], "torch": y[v]} for v in vs},
                "reason_raw": {"onnx": x["reason_raw"], "torch": y["reason_raw"]}}
-              for x, y in zip(a, b) if any(x[v] != y[v] for v in VERDICTS)]
+              for x, y, vs in changed if vs]
     gap = max(((abs(float(x[k] or 0) - float(y[k] or 0)), x, y, k) for x, y in zip(a, b) for k in areas),
               key=lambda t: t[0])
     engines = [json.loads((d / "sanity.json").read_text()).get("engine") for d in (onnx, torch)]
