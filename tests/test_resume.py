@@ -219,12 +219,27 @@ def test_unlabeled_images_add_a_domain_critic_and_resume_exactly(small_phantom, 
                 progress=False, cache=tmp_path / "cache", unlabeled=unlabeled)
 
 
-def test_self_training_alone_needs_no_domain_critic_and_logs_what_it_accepts(small_phantom, tmp_path):
-    sets = {"train": {"epochs": 1, "domain_weight": 0.0, "pseudo_weight": 1.0}}
+@pytest.mark.parametrize("weak_view", [False, True])
+def test_self_training_alone_needs_no_domain_critic_and_logs_what_it_accepts(small_phantom, tmp_path, monkeypatch,
+                                                                             weak_view):
+    """... and with train.pseudo_weak_view every self-training loss reads its targets from the network's output
+    on a second, pixel-aligned view of the batch; without it, from the output it trains."""
+    from spineseg.train.selftrain import SelfTraining
+
+    given, original = [], SelfTraining.loss
+
+    def spy(self, logits, spacing, no_body=None, target_logits=None):
+        given.append(target_logits is not None and target_logits.shape == logits.shape
+                     and not torch.equal(target_logits, logits))
+        return original(self, logits, spacing, no_body, target_logits)
+
+    monkeypatch.setattr(SelfTraining, "loss", spy)
+    sets = {"train": {"epochs": 1, "domain_weight": 0.0, "pseudo_weight": 1.0, "pseudo_weak_view": weak_view}}
     t = Trainer(small_phantom, "unet", tmp_path / "st", overrides=TINY, sets=sets, progress=False,
                 cache=tmp_path / "cache", unlabeled=[small_phantom / "imagesTr"])
     assert t.domain_critic is None and t.step.self_training is not None and t.step.domain is None
     t.fit()
+    assert given and all(g == weak_view for g in given)
     with open(tmp_path / "st" / "log.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert rows and all(r["loss_pseudo"] and 0 <= float(r["pseudo_accepted"]) <= 1 and not r["loss_domain"]
@@ -232,6 +247,10 @@ def test_self_training_alone_needs_no_domain_critic_and_logs_what_it_accepts(sma
     with pytest.raises(SpinesegError, match="nothing to self-train on"):
         Trainer(small_phantom, "unet", tmp_path / "none", overrides=TINY, sets=sets, progress=False,
                 cache=tmp_path / "cache")
+    if weak_view:
+        with pytest.raises(SpinesegError, match="pseudo_weak_view is set but self-training is off"):
+            Trainer(small_phantom, "unet", tmp_path / "off", overrides=TINY, progress=False, cache=tmp_path / "cache",
+                    sets={"train": {"epochs": 1, "pseudo_weak_view": True}}, unlabeled=[small_phantom / "imagesTr"])
 
 
 def test_slices_known_to_hold_no_body_reach_self_training_and_are_part_of_the_run(small_phantom, tmp_path,
@@ -246,9 +265,9 @@ def test_slices_known_to_hold_no_body_reach_self_training_and_are_part_of_the_ru
     seen = []
     original = SelfTraining.loss
 
-    def spy(self, logits, spacing, no_body=None):
+    def spy(self, logits, spacing, no_body=None, target_logits=None):
         seen.append(None if no_body is None else no_body.clone())
-        return original(self, logits, spacing, no_body)
+        return original(self, logits, spacing, no_body, target_logits)
 
     monkeypatch.setattr(SelfTraining, "loss", spy)
     sets = {"train": {"epochs": 1, "domain_weight": 0.0, "pseudo_weight": 1.0, "domain_batch_size": 16}}

@@ -124,3 +124,61 @@ def test_a_slice_known_to_hold_no_body_teaches_background_where_the_network_says
     no_canal[no_canal == 2] = 0
     targets, accepted = pseudo_labels(_probs(no_canal[None]), spacing[:1], 0.9, no_body=torch.tensor([True]))
     assert accepted == 0 and (targets == IGNORE).all()
+
+
+def test_targets_are_read_from_the_weak_view_and_learnt_on_the_strong_one(truth):
+    """train.pseudo_weak_view: where the network is sure on the weak view and unsure on the strong one, the
+    confident weak-view labels are the strong view's targets (the loss is their cross-entropy)."""
+    unsure = torch.log(_probs(truth[None], confidence=0.4)).float().requires_grad_(True)
+    sure = torch.log(_probs(truth[None], confidence=0.99)).float()
+    st = SelfTraining(weight=1.0, confidence=0.9)
+    spacing = torch.tensor([[SPACING, SPACING]])
+    alone, _ = st.loss(unsure, spacing)
+    assert float(alone.detach()) == 0.0  # on its own view nothing is confident, nothing changed: no target
+    loss, accepted = st.loss(unsure, spacing, target_logits=sure)
+    assert accepted == 1.0
+    assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(unsure.detach(), torch.from_numpy(truth)[None])), rel=1e-5)
+    loss.backward()
+    g = unsure.grad[0]
+    lab = torch.from_numpy(truth)
+    assert (g.gather(0, lab[None]) < 0).all()  # descent raises every pixel's weak-view label
+
+
+def _records(n=3):
+    from spineseg.data.dataset import SliceRecord
+    from spineseg.preprocess.pipeline import PreprocessConfig, preprocess_slice
+
+    cfg = PreprocessConfig(target_size=96, target_spacing=2.0)
+    out = []
+    for i in range(n):
+        s = phantom_slice(0, i, i, size=128, spacing=1.5)
+        x, _, g = preprocess_slice(s.image, (1.5, 1.5), cfg)
+        out.append(SliceRecord("c", "c", i, x, None, g))
+    return out
+
+
+def test_the_weak_view_has_the_strong_views_geometry_and_none_of_its_intensity_changes():
+    from spineseg.data.augment import AugmentConfig
+    from spineseg.data.dataset import SliceDataset
+
+    recs = _records()
+    strong_a = AugmentConfig(gamma=0.4, bias=0.3, noise=0.1, blur=0.3)
+    strong_b = AugmentConfig(gamma=0.8, bias=0.0, noise=0.4, blur=1.0, intensity=0.3)
+    a, b = SliceDataset(recs, strong_a, seed=4, weak_view=True), SliceDataset(recs, strong_b, seed=4, weak_view=True)
+    plain = SliceDataset(recs, strong_a, seed=4)
+    for i in range(len(recs)):
+        ia, ib = a[i], b[i]
+        assert torch.equal(ia["weak"], ib["weak"])  # no intensity setting reaches the weak view
+        assert not torch.equal(ia["weak"], ia["image"]) and not torch.equal(ib["image"], ia["image"])
+        assert torch.equal(ia["image"], plain[i]["image"])  # asking for a weak view leaves the strong one as it was
+    # an intensity change that is affine on the content: the strong view is that affine map of the weak view,
+    # pixel for pixel (same rotation, scale and shift)
+    affine = SliceDataset(recs, AugmentConfig(intensity=0.3, rotate_deg=30.0), seed=9, weak_view=True)
+    for i in range(len(recs)):
+        it = affine[i]
+        w, s = it["weak"].flatten().double(), it["image"].flatten().double()
+        content = w != 0
+        A = torch.stack([w[content], torch.ones_like(w[content])], 1)
+        fit = torch.linalg.lstsq(A, s[content, None]).solution
+        assert float((A @ fit - s[content, None]).abs().max()) < 1e-4
+        assert float(fit[0]) != pytest.approx(1.0, abs=1e-6) or float(fit[1]) != pytest.approx(0.0, abs=1e-6)

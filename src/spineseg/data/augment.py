@@ -10,6 +10,7 @@ z-score, so that it is not cancelled.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -45,6 +46,12 @@ class AugmentConfig:
     @property
     def randomises_intensity(self) -> bool:
         return bool(self.gamma or self.bias or self.noise or self.blur)
+
+
+def geometry_only(cfg: AugmentConfig) -> AugmentConfig:
+    """``cfg`` without any intensity change: the same random geometry from the same generator state (the
+    geometry is drawn first), so a sample augmented with both configs from equal seeds is pixel-aligned."""
+    return dataclasses.replace(cfg, gamma=0.0, bias=0.0, noise=0.0, blur=0.0, intensity=0.0)
 
 
 def _uniform(gen: torch.Generator, a: float, b: float) -> float:

@@ -14,7 +14,7 @@ from ..progress import progress as progress_bar
 from ..io.images import check_pair, read_image, read_label
 from ..io.layouts import Case
 from ..preprocess.pipeline import NO_CONTENT, Geometry, PreprocessCache, PreprocessConfig, preprocess_slice
-from .augment import AugmentConfig, augment
+from .augment import AugmentConfig, augment, geometry_only
 
 
 @dataclass
@@ -85,13 +85,21 @@ def _single_slice(path) -> bool:
 class SliceDataset(Dataset):
     """Items: ``{"image": (1,S,S) float, "label": (S,S) long, "case": str, "index": int, "spacing": (2,) mm}``
     (``spacing``: the network grid's pixel spacing before augmentation); unlabelled slices have ``no_body``
-    (bool) in place of ``label``."""
+    (bool) in place of ``label``.
 
-    def __init__(self, records: list[SliceRecord], augment: AugmentConfig | None = None, seed: int = 0):
+    ``weak_view``: items also hold ``"weak"``, the same slice with the same random geometry but no intensity
+    change (:func:`~spineseg.data.augment.geometry_only`), pixel-aligned with ``"image"``: the view a
+    self-training target is read from while the network learns on the intensity-augmented one.
+    """
+
+    def __init__(self, records: list[SliceRecord], augment: AugmentConfig | None = None, seed: int = 0,
+                 weak_view: bool = False):
         if not records:
             raise SpinesegError("no slices to load")
+        if weak_view and augment is None:
+            raise SpinesegError("a weak view needs augmentation")
         self.records = records
-        self.augment = augment
+        self.augment, self.weak_view = augment, weak_view
         self.seed = seed
         self.epoch = 0
 
@@ -102,11 +110,17 @@ class SliceDataset(Dataset):
         r = self.records[i]
         img = torch.from_numpy(r.image)[None]
         lab = torch.from_numpy(r.label.astype(np.int64)) if r.label is not None else None
+        weak = None
         if self.augment is not None:
-            gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
-            img, lab = augment(img, lab, self.augment, gen, torch.from_numpy(r.geometry.content_mask()))
+            seed = hash((self.seed, self.epoch, i)) & 0x7FFFFFFF
+            content = torch.from_numpy(r.geometry.content_mask())
+            if self.weak_view:
+                weak, _ = augment(img, None, geometry_only(self.augment), torch.Generator().manual_seed(seed), content)
+            img, lab = augment(img, lab, self.augment, torch.Generator().manual_seed(seed), content)
         item = {"image": img.float(), "case": r.case_id, "index": r.index,
                 "spacing": torch.tensor(r.geometry.out_spacing, dtype=torch.float64)}
+        if weak is not None:
+            item["weak"] = weak.float()
         if lab is not None:
             item["label"] = lab
         else:
@@ -115,15 +129,17 @@ class SliceDataset(Dataset):
 
 
 def make_loader(records, batch_size: int, shuffle: bool, augment: AugmentConfig | None = None, seed: int = 0,
-                num_workers: int = 0, epoch: int = 0, shard: tuple[int, int] | None = None) -> DataLoader:
+                num_workers: int = 0, epoch: int = 0, shard: tuple[int, int] | None = None,
+                weak_view: bool = False) -> DataLoader:
     """A loader over ``records``; augmentation is seeded by (seed, epoch, slice index), so it is the same whichever
     process draws a slice.
 
     With ``shard=(rank, world_size)`` this process draws its own share of the slices through a
     `DistributedSampler`: one permutation per (seed, epoch), shared by every rank, split into disjoint parts
     (padded with a few repeats to a multiple of the world size, so every rank takes as many steps).
+    ``weak_view``: see :class:`SliceDataset`.
     """
-    ds = SliceDataset(records, augment=augment, seed=seed)
+    ds = SliceDataset(records, augment=augment, seed=seed, weak_view=weak_view)
     ds.epoch = epoch
     if shard is not None:
         rank, world_size = shard

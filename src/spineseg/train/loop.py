@@ -134,6 +134,8 @@ class Trainer:
         if tc["pseudo_weight"] and not run.get("unlabeled"):  # before any data is read
             raise SpinesegError("train.pseudo_weight is set but there is nothing to self-train on: "
                                 "give the unlabelled images with --unlabeled")
+        if tc["pseudo_weak_view"] and not tc["pseudo_weight"]:
+            raise SpinesegError("train.pseudo_weak_view is set but self-training is off: set train.pseudo_weight > 0")
         if run.get("unlabeled_no_body") and not (run.get("unlabeled") and tc["pseudo_weight"]):
             raise SpinesegError("--unlabeled-no-body names slices for self-training: it needs --unlabeled and "
                                 "train.pseudo_weight > 0", run["unlabeled_no_body"])
@@ -368,7 +370,8 @@ class Trainer:
             real = next(unlabeled) if unlabeled is not None else None
             logs = self.step(batch["image"].to(self.device), batch["label"].to(self.device), adversarial,
                              None if real is None else real["image"].to(self.device),
-                             None if real is None else real["spacing"], None if real is None else real["no_body"])
+                             None if real is None else real["spacing"], None if real is None else real["no_body"],
+                             None if real is None or "weak" not in real else real["weak"].to(self.device))
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
@@ -384,7 +387,8 @@ class Trainer:
         passes = 0
         while True:
             yield from make_loader(self.unlabeled, tc["domain_batch_size"], True, self.augment,
-                                   seed=seed + 7919 * passes, epoch=self.epoch, shard=shard)
+                                   seed=seed + 7919 * passes, epoch=self.epoch, shard=shard,
+                                   weak_view=bool(tc["pseudo_weight"] and tc["pseudo_weak_view"]))
             passes += 1
 
     def _validate(self, loader) -> np.ndarray:

@@ -19,6 +19,14 @@ This teaches the raw network the clean-up that post-processing does, on the real
 reinforces what the model already believes where anatomy cannot tell (a disc labelled as body is a
 plausible body), so it is off by default and kept only where it measurably helps.
 
+With ``train.pseudo_weak_view`` the target is read from a *weak* view of the slice (the same random geometry,
+no intensity change) and the loss is taken on the *strong* view the network trains on (gamma, bias field, blur,
+noise, contrast): consistency regularisation as in FixMatch (Sohn et al. 2020). Without it, target and
+prediction come from the one view, so the confident pixels, which are most of every target, agree with the
+prediction by construction and teach almost nothing; only the few corrected pixels do. With it, every confident
+pixel asks the network to give the same answer when a real slice's contrast, noise and bias change, which is
+what differs between one real scanner's images and another's.
+
 Slices known to lie at disc level (``train --unlabeled-no-body``: a slice list, e.g. from the fat fraction
 of a Dixon pair, where the disc has none and vertebral marrow a quarter or more) get that knowledge as a
 weak label: their target has no vertebral body, and every pixel the network calls body is a background
@@ -76,9 +84,12 @@ class SelfTraining:
         self.weight, self.confidence, self.max_change = weight, confidence, max_change
 
     def loss(self, logits: torch.Tensor, spacing: torch.Tensor,
-             no_body: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-        """The unweighted loss and the fraction of the batch's slices accepted."""
-        targets, accepted = pseudo_labels(torch.softmax(logits.detach().float(), 1), spacing, self.confidence,
+             no_body: torch.Tensor | None = None, target_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """The unweighted loss on ``logits`` and the fraction of the batch's slices accepted. ``target_logits``:
+        the network's output on a weak view of the same slices, pixel-aligned, that the targets are read from
+        (None: ``logits`` themselves)."""
+        source = logits if target_logits is None else target_logits
+        targets, accepted = pseudo_labels(torch.softmax(source.detach().float(), 1), spacing, self.confidence,
                                            self.max_change, no_body)
         if not accepted or not (targets != IGNORE).any():
             return logits.float().sum() * 0.0, accepted / logits.shape[0]

@@ -97,10 +97,11 @@ class GeneratorStep:
 
     def __call__(self, image: torch.Tensor, labels: torch.Tensor, adversarial: bool,
                  unlabeled: torch.Tensor | None = None, unlabeled_spacing: torch.Tensor | None = None,
-                 unlabeled_no_body: torch.Tensor | None = None) -> dict:
+                 unlabeled_no_body: torch.Tensor | None = None, unlabeled_weak: torch.Tensor | None = None) -> dict:
         """One update. ``unlabeled``: a batch of real slices (pixel spacing ``unlabeled_spacing``, (B, 2) mm) for
         domain adaptation and / or self-training (None: neither term); ``unlabeled_no_body`` (B,): those known to
-        hold no vertebral body."""
+        hold no vertebral body; ``unlabeled_weak``: the same slices without intensity augmentation, that
+        self-training reads its targets from (None: from ``unlabeled`` itself)."""
         logs = {}
         if adversarial:
             with torch.no_grad(), self._autocast():
@@ -125,8 +126,12 @@ class GeneratorStep:
                 logs["loss_domain"] = float(dom.detach())
                 loss = loss + self.domain.weight * dom
             if self.self_training is not None:
+                weak_logits = None
+                if unlabeled_weak is not None:
+                    with torch.no_grad(), self._autocast():
+                        weak_logits = self.model(unlabeled_weak).float()
                 pseudo, logs["pseudo_accepted"] = self.self_training.loss(target_logits, unlabeled_spacing,
-                                                                          unlabeled_no_body)
+                                                                          unlabeled_no_body, weak_logits)
                 logs["loss_pseudo"] = float(pseudo.detach())
                 loss = loss + self.self_training.weight * pseudo
         self.optimizer.zero_grad(set_to_none=True)
