@@ -93,6 +93,7 @@ def _run(a) -> int:
         "model": a.model, "config": "cpu-quick", "randomized_phantom": not a.no_randomize, "test_patients": len({c.patient for c in cases}),
         "test_slices": len(rows), "train_epochs": res["epochs"], "train_seconds": round(train_s, 1),
         "total_seconds": round(time.perf_counter() - t0, 1), "hd95_definition": "MONAI (max of directed 95th percentiles)",
+        "predictor": pred.describe(),  # the file that was tested (with its SHA-256), engine, post-processing
         **{s: {"dice": summary[s]["dice"], "dice_std": summary[s]["dice_std"], "hd95": summary[s]["hd95"],
                "hd95_std": summary[s]["hd95_std"], "hd95_missing": summary[s]["hd95_missing"],
                "iou": summary[s]["iou"], "ppv": summary[s]["ppv"], "target_dice": TARGETS[s]} for s in STRUCTURES},
@@ -106,7 +107,8 @@ def _run(a) -> int:
     print(f"{'structure':<20}{'Dice':>14}{'HD95 (mm)':>16}{'target Dice':>13}")
     for s in STRUCTURES:
         m = metrics[s]
-        print(f"{s:<20}{m['dice']:>8.3f} ±{m['dice_std']:.3f}{m['hd95']:>10.2f} ±{m['hd95_std']:.2f}{TARGETS[s]:>13.2f}")
+        hd = "-" if m["hd95"] is None else f"{m['hd95']:.2f} ±{m['hd95_std']:.2f}"  # None: no slice had both masks
+        print(f"{s:<20}{m['dice']:>8.3f} ±{m['dice_std']:.3f}{hd:>16}{TARGETS[s]:>13.2f}")
     if positions is not None:
         print("Dice by slice position: " + "; ".join(
             f"{pos} ({next(iter(d.values()))['slices']} slices) " + " / ".join(

@@ -1,0 +1,22 @@
+"""`make demo` end to end at toy size: phantom, training, prediction and the metrics file it writes."""
+
+import hashlib
+import json
+
+from spineseg import STRUCTURES
+from spineseg.demo import TARGETS, main
+
+
+def test_demo_writes_metrics_that_name_the_model_file_it_tested(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["--out", str(out), "--patients", "6", "--slices-per-patient", "1", "--minutes", "0.01"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    tested = out / "run" / "best.pt"
+    assert m["predictor"]["sha256"] == hashlib.sha256(tested.read_bytes()).hexdigest()
+    assert m["predictor"]["checkpoint"] == str(tested)
+    assert m["predictor"]["engine"] in ("torch", "onnx") and m["predictor"]["postprocess"] == "anatomical"
+    per_slice = json.loads((out / "per_slice.json").read_text())
+    assert m["test_slices"] == len(per_slice) >= 1
+    for s in STRUCTURES:
+        assert 0.0 <= m[s]["dice"] <= 1.0 and m[s]["target_dice"] == TARGETS[s]
+    assert "held-out test patients" in capsys.readouterr().out
