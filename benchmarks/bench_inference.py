@@ -100,6 +100,7 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
             # is speckle, which the default anatomical post-processing takes ~1 s per slice to sort out.
             checkpoint = (resolve_checkpoint("pretrained") if config == "cpu-quick"
                           else _random_checkpoint(config, Path(tmp)))
+            gflop = None  # the network's operation count: the same for every engine and precision, counted once
             for engine in args.engines:
                 precisions = ["fp32"] + (["bf16"] if engine == "torch" and (native or config == "cpu-quick") else [])
                 for precision in precisions:
@@ -109,7 +110,10 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
                     predictor = Predictor(checkpoint, device="cpu", threads=args.threads, engine=engine,
                                           precision=precision, require_native_bf16=False)
                     size = predictor.pp.target_size
-                    gflop = _gflop_per_slice(Predictor(checkpoint, device="cpu", threads=args.threads, engine="torch").model, size)
+                    if gflop is None:
+                        net = predictor.model if (engine, precision) == ("torch", "fp32") else \
+                            Predictor(checkpoint, device="cpu", threads=args.threads, engine="torch").model
+                        gflop = _gflop_per_slice(net, size)
                     x = np.stack([preprocess_slice(volume.data[i], volume.spacing, predictor.pp)[0]
                                   for i in range(volume.num_slices)])[:, None]
                     for batch in ([1] if emulated else args.batches):
