@@ -7,7 +7,17 @@ from spineseg import STRUCTURES
 from spineseg.demo import TARGETS, main
 
 
-def test_demo_writes_metrics_that_name_the_model_file_it_tested(tmp_path, capsys):
+def test_demo_writes_metrics_that_name_the_model_file_it_tested(tmp_path, capsys, monkeypatch):
+    import spineseg.eval.metrics as metrics_module
+
+    summarise = metrics_module.summarise
+
+    def no_lamina_hd95(rows):  # as when no test slice has both a predicted and a true lamina
+        out = summarise(rows)
+        out["lamina"] = {**out["lamina"], "hd95": None, "hd95_std": None}
+        return out
+
+    monkeypatch.setattr(metrics_module, "summarise", no_lamina_hd95)
     out = tmp_path / "demo"
     assert main(["--out", str(out), "--patients", "6", "--slices-per-patient", "1", "--minutes", "0.01"]) == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -19,4 +29,7 @@ def test_demo_writes_metrics_that_name_the_model_file_it_tested(tmp_path, capsys
     assert m["test_slices"] == len(per_slice) >= 1
     for s in STRUCTURES:
         assert 0.0 <= m[s]["dice"] <= 1.0 and m[s]["target_dice"] == TARGETS[s]
-    assert "held-out test patients" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "held-out test patients" in printed and m["lamina"]["hd95"] is None
+    lamina_row = next(line for line in printed.splitlines() if line.startswith("lamina"))
+    assert lamina_row.split()[3] == "-"  # structure, Dice, ±std, HD95

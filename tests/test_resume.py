@@ -53,6 +53,19 @@ def test_extended_run_ends_with_the_weights_of_an_uninterrupted_run(small_phanto
     assert _epochs_in_log(tmp_path / "twice") == [1, 2, 3, 4]
 
 
+def test_a_run_saved_before_newer_config_keys_existed_resumes_with_their_defaults(small_phantom, tmp_path):
+    from spineseg.models.checkpoint import save_checkpoint
+
+    _train(small_phantom, tmp_path / "old", 1)
+    ck = load_checkpoint(tmp_path / "old" / "last.pt")
+    for key in ("pseudo_weak_view", "pseudo_max_change"):  # what a checkpoint of an older version lacks
+        del ck["config"]["train"][key]
+    save_checkpoint(tmp_path / "old" / "last.pt", ck)
+    t = _train(small_phantom, tmp_path / "old", 2, resume=True)
+    assert t.epoch == 2 and load_checkpoint(tmp_path / "old" / "last.pt")["epoch"] == 2
+    assert t.cfg["train"]["pseudo_weak_view"] is False and t.cfg["train"]["pseudo_max_change"] == 1.0
+
+
 def test_resume_refuses_any_other_change_and_names_it(small_phantom, tmp_path, capsys):
     run = tmp_path / "r"
     _train(small_phantom, run, 1)
@@ -230,7 +243,7 @@ def test_self_training_alone_needs_no_domain_critic_and_logs_what_it_accepts(sma
 
     def spy(self, logits, spacing, no_body=None, target_logits=None):
         given.append(target_logits is not None and target_logits.shape == logits.shape
-                     and not torch.equal(target_logits, logits))
+                     and not target_logits.requires_grad and not torch.equal(target_logits, logits))
         return original(self, logits, spacing, no_body, target_logits)
 
     monkeypatch.setattr(SelfTraining, "loss", spy)
@@ -251,6 +264,10 @@ def test_self_training_alone_needs_no_domain_critic_and_logs_what_it_accepts(sma
         with pytest.raises(SpinesegError, match="pseudo_weak_view is set but self-training is off"):
             Trainer(small_phantom, "unet", tmp_path / "off", overrides=TINY, progress=False, cache=tmp_path / "cache",
                     sets={"train": {"epochs": 1, "pseudo_weak_view": True}}, unlabeled=[small_phantom / "imagesTr"])
+        no_intensity = {**sets, "augment": {"intensity": 0.0, "gamma": 0.0, "bias": 0.0, "noise": 0.0, "blur": 0.0}}
+        with pytest.raises(SpinesegError, match="needs an intensity augmentation"):
+            Trainer(small_phantom, "unet", tmp_path / "same", overrides=TINY, progress=False, cache=tmp_path / "cache",
+                    sets=no_intensity, unlabeled=[small_phantom / "imagesTr"])
 
 
 def test_slices_known_to_hold_no_body_reach_self_training_and_are_part_of_the_run(small_phantom, tmp_path,

@@ -144,6 +144,9 @@ class Trainer:
             torch.set_num_threads(int(tc["threads"]))
         self.pp = PreprocessConfig(**self.cfg["preprocess"])
         self.augment = AugmentConfig.from_dict(self.cfg["augment"])
+        if tc["pseudo_weak_view"] and not (self.augment.intensity or self.augment.randomises_intensity):
+            raise SpinesegError("train.pseudo_weak_view needs an intensity augmentation (augment.intensity, gamma, bias, "
+                                "noise or blur): without one the two views are the same")
 
         cases = training_cases(data if (resume and data is not None) else run["data"], run["case_is_patient"])
         fingerprint = dataset_fingerprint(cases)
@@ -252,7 +255,8 @@ class Trainer:
             requested = validate_config(_merge(_merge({k: v for k, v in stored.items() if k != "run"}, overrides or {}),
                                                sets or {}), "--set")
         requested["model"]["name"] = name
-        current = {k: v for k, v in stored.items() if k != "run"}
+        # keys added to the schema since this run was saved take their defaults, which keep an older run's behaviour
+        current = validate_config({k: v for k, v in stored.items() if k != "run"}, self.out)
         diffs = [d for d in config_differences(current, requested) if d not in EXTENDABLE]
         if diffs:
             d = diffs[0]

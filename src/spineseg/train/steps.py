@@ -128,8 +128,8 @@ class GeneratorStep:
             if self.self_training is not None:
                 weak_logits = None
                 if unlabeled_weak is not None:
-                    with torch.no_grad(), self._autocast():
-                        weak_logits = self.model(unlabeled_weak).float()
+                    with torch.no_grad(), self._autocast():  # the plain network: no gradient, no DDP bookkeeping
+                        weak_logits = getattr(self.model, "module", self.model)(unlabeled_weak).float()
                 pseudo, logs["pseudo_accepted"] = self.self_training.loss(target_logits, unlabeled_spacing,
                                                                           unlabeled_no_body, weak_logits)
                 logs["loss_pseudo"] = float(pseudo.detach())
