@@ -14,6 +14,10 @@ failure the phantom test shows (the disc labelled as body) without any hand labe
     # 3. how often a model labels a disc as body, and finds the body at vertebral levels
     python results/dixon-disc/dixon_levels.py score --model MODEL --levels results/dixon-disc/levels.csv \
         --inphase runs/inphase --out results/dixon-disc/score_NAME.json
+    # 4. marrow signal on the water and fat images, relative to fat and CSF (what the phantom's Dixon marrow
+    #    is set against)
+    python results/dixon-disc/dixon_levels.py marrow --model pretrained --levels results/dixon-disc/levels.csv \
+        --out results/dixon-disc/marrow_signal.json
 
 Levels (``levels.csv``): ``disc`` where the reference body region's median fat fraction is below 0.15,
 ``vertebra`` at 0.22 or above, ``partial`` between (end plates, partial volume), ``unknown`` where the
@@ -131,6 +135,44 @@ def score(a) -> None:
     a.out.write_text(json.dumps(out, indent=1) + "\n")
 
 
+def marrow(a) -> None:
+    """Median marrow signal at vertebra-level slices: on the fat image relative to fat (pixels with fat fraction
+    above 0.9 and a total signal above the volume's 60th percentile: subcutaneous and paraspinal fat), on the
+    water image relative to CSF (the 90th percentile of the water signal inside the canal label)."""
+    from spineseg.infer.predict import Predictor
+
+    predictor = Predictor(a.model, device="cpu", batch_size=4)
+    rows = _read_levels(a.levels)
+    out = {"model_sha256": predictor.sha256, "levels": str(a.levels), "subjects": {}}
+    for subject in SUBJECTS:
+        water, fat = _images(a.dixon, subject)
+        ff = fat_fraction(water.data, fat.data)
+        total = water.data + fat.data
+        fat_ref = float(np.median(fat.data[(ff > 0.9) & (total > np.percentile(total, 60))]))
+        _, post = predictor.predict_both(water)
+        vertebra = [int(r["slice"]) for r in rows if r["subject"] == subject and r["level"] == "vertebra"]
+        fat_rel, water_rel, marrow_ff = [], [], []
+        for s in vertebra:
+            body = ndi.binary_erosion(post[s] == 1, iterations=2)
+            canal = post[s] == 2
+            if body.sum() < MIN_BODY_PX or not canal.any():
+                continue
+            csf = float(np.percentile(water.data[s][canal], 90))
+            fat_rel.append(float(np.median(fat.data[s][body])) / fat_ref)
+            water_rel.append(float(np.median(water.data[s][body])) / csf)
+            marrow_ff.append(float(np.median(ff[s][body])))
+        out["subjects"][subject] = {
+            "vertebra_slices": len(fat_rel),
+            "fat_image_marrow_over_fat": [round(float(np.percentile(fat_rel, q)), 3) for q in (10, 50, 90)],
+            "water_image_marrow_over_csf": [round(float(np.percentile(water_rel, q)), 3) for q in (10, 50, 90)],
+            "marrow_fat_fraction": [round(float(np.percentile(marrow_ff, q)), 3) for q in (10, 50, 90)],
+        }
+        print(subject, out["subjects"][subject])
+    out["note"] = "each list: 10th, 50th and 90th percentile over the subject's vertebra-level slices"
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dixon", type=Path, default=DIXON, help="folder of the *_water_img / *_fat_img volumes")
@@ -152,6 +194,11 @@ def main() -> None:
     p.add_argument("--inphase", type=Path, default=None, help="folder of dixon_inphase.py's volumes")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=score)
+    p = sub.add_parser("marrow")
+    p.add_argument("--model", required=True)
+    p.add_argument("--levels", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=marrow)
     a = ap.parse_args()
     a.func(a)
 

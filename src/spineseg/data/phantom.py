@@ -44,8 +44,8 @@ POSITION_P = (0.25, 0.20, 0.20, 0.35)
 POSITION_P_BEFORE_2026_11 = (0.14, 0.22, 0.24, 0.40)  # the mix before: `--positions` with it remakes older phantoms
 # Marrow on the Dixon water and fat images follows the patient's marrow fat fraction FF: FF * k_fat on the fat
 # image and (1 - FF) * k_water on the water image, k drawn per image (trabecular bone lowers and varies the
-# marrow's signal). Measured on the two shared Dixon volumes (young volunteers, FF 0.23-0.40): marrow is 0.12-0.15
-# of subcutaneous fat on the fat image and half of CSF on the water image. Phantoms made before 2026-11-25 drew
+# marrow's signal). Measured on the two shared Dixon volumes (young volunteers, FF 0.23-0.40): marrow is a median
+# 0.12-0.13 of fat on the fat image and half of CSF on the water image (results/dixon-disc/marrow_signal.json). Phantoms made before 2026-11-25 drew
 # it at a fixed 0.70 / 0.30 (FF 0.7, k 1: the old-age corner of these ranges); DIXON_MARROW "fixed" remakes them.
 MARROW_FF = (0.2, 0.7)
 MARROW_K_FAT = (0.3, 1.0)
