@@ -144,3 +144,25 @@ def test_without_a_writable_cache_or_a_traceable_graph_predict_still_runs(phanto
         assert Predictor("pretrained", device="cpu", threads=2).engine.name == "torch"
     with pytest.raises(RuntimeError):  # asked for by name, onnx does not fall back
         Predictor("pretrained", device="cpu", threads=2, engine="onnx")
+
+
+def test_pack_keeps_only_what_inference_needs_in_float16(phantom_input, tmp_path):
+    # a training checkpoint (float32 weights, optimiser and critic state) packs into float16 weights, config,
+    # preprocessing and version; the packed model predicts what the float32 one does
+    from spineseg.models.checkpoint import float32_weights
+
+    _, x = phantom_input
+    ck = load_checkpoint(resolve_checkpoint("pretrained"))
+    ck["model"] = float32_weights(ck["model"])
+    ck.update(optimizer={"state": {0: torch.zeros(1000)}}, critic={"w": torch.ones(3)}, rng={"torch": 1})
+    full = tmp_path / "full.pt"
+    torch.save(ck, full)
+    assert main(["pack", "--model", str(full), "--out", str(tmp_path / "packed.pt")]) == 0
+    packed = load_checkpoint(tmp_path / "packed.pt")
+    assert set(packed) == {"model", "config", "preprocess", "version", "model_name", "epoch", "best"}
+    assert packed["config"] == ck["config"] and packed["preprocess"] == ck["preprocess"]
+    assert all(v.dtype == torch.float16 for v in packed["model"].values() if v.is_floating_point())
+    reference = _logits(Predictor(full, device="cpu", engine="torch"), x)
+    got = _logits(Predictor(tmp_path / "packed.pt", device="cpu", engine="torch"), x)
+    assert np.abs(got - reference).max() < 0.05 * np.abs(reference).max()
+    assert (got.argmax(1) == reference.argmax(1)).mean() > 0.999

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 from spineseg.errors import SpinesegError  # noqa: E402
-from spineseg.models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from spineseg.models.checkpoint import inference_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 
 
 def soup(paths: list[Path]) -> dict:
@@ -27,9 +27,7 @@ def soup(paths: list[Path]) -> dict:
             raise SpinesegError("not the same architecture and preprocessing as the first checkpoint", p)
     weights = {k: (torch.stack([ck["model"][k].double() for ck in cks]).mean(0).to(v.dtype) if v.is_floating_point()
                    else v) for k, v in first["model"].items()}
-    return {"model": weights, "config": first["config"], "preprocess": first["preprocess"],
-            "version": first["version"], "model_name": first.get("model_name"), "epoch": first.get("epoch"),
-            "best": None, "soup_of": [str(p) for p in paths]}
+    return dict(inference_checkpoint(first, weights), best=None, soup_of=[str(p) for p in paths])
 
 
 def main() -> None:

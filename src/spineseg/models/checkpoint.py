@@ -88,11 +88,17 @@ def load_model(ck: dict, device: torch.device | str = "cpu") -> torch.nn.Module:
     return model.to(device).eval()
 
 
+def inference_checkpoint(ck: dict, weights: dict | None = None) -> dict:
+    """The inference-only part of a checkpoint (no optimiser, critic or RNG state), with ``weights`` in place of
+    its network's where given."""
+    return {"model": ck["model"] if weights is None else weights, "config": ck["config"],
+            "preprocess": ck["preprocess"], "version": ck["version"], "model_name": ck.get("model_name"),
+            "epoch": ck.get("epoch"), "best": ck.get("best")}
+
+
 def pack_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> Path:
     """A small inference-only copy: weights (optionally float16), config, preprocessing, version."""
     ck = load_checkpoint(src)
     weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ck["model"].items()}
-    slim = {"model": weights, "config": ck["config"], "preprocess": ck["preprocess"], "version": ck["version"],
-            "model_name": ck.get("model_name"), "epoch": ck.get("epoch"), "best": ck.get("best")}
-    save_checkpoint(Path(dst), slim)
+    save_checkpoint(Path(dst), inference_checkpoint(ck, weights))
     return Path(dst)
