@@ -208,32 +208,3 @@ def test_slice_position_shares():
     assert only_disc.meta["position"] == "disc" and not (only_disc.label == 1).any()
     with pytest.raises(ValueError, match="non-negative"):
         check_positions((0.5, -0.1, 0.3, 0.3))
-
-
-def test_dixon_marrow_follows_the_patients_marrow_fat_fraction():
-    # on the fat image marrow brightens with the patient's marrow fat fraction, on the water image it darkens;
-    # the span reaches down to the dim fat-image marrow of young red marrow (real: 0.12-0.15 of fat); other
-    # contrasts and the labels are untouched, and "fixed" keeps the old tables (FF 0.7)
-    from spineseg.data.phantom import CSF, FAT, MARROW, _patient_params
-
-    def rel(s, ref):
-        return float(np.median(s.image[s.tissue == MARROW]) / np.median(s.image[s.tissue == ref]))
-
-    patients = range(16)
-    ff = np.array([_patient_params(0, p)["marrow_ff"] for p in patients])
-    fat = np.array([rel(phantom_slice(0, p, 1, size=96, spacing=2.0833, contrast="fat"), FAT) for p in patients])
-    water = np.array([rel(phantom_slice(0, p, 1, size=96, spacing=2.0833, contrast="water"), CSF) for p in patients])
-    assert np.corrcoef(ff, fat)[0, 1] > 0.5 and np.corrcoef(ff, water)[0, 1] < -0.5, (ff, fat, water)
-    assert fat.min() < 0.35 and water.max() > 0.5, (fat, water)
-    fixed = [rel(phantom_slice(0, p, 1, size=96, spacing=2.0833, contrast="fat", dixon_marrow="fixed"), FAT)
-             for p in patients]
-    assert min(fixed) > 0.6, fixed
-    for c in ("t2", "t1", "t2fs"):
-        a = phantom_slice(0, 2, 1, size=96, spacing=2.0833, contrast=c)
-        b = phantom_slice(0, 2, 1, size=96, spacing=2.0833, contrast=c, dixon_marrow="fixed")
-        assert np.array_equal(a.image, b.image), c
-    a = phantom_slice(0, 2, 1, size=96, spacing=2.0833, contrast="fat")
-    b = phantom_slice(0, 2, 1, size=96, spacing=2.0833, contrast="fat", dixon_marrow="fixed")
-    assert np.array_equal(a.label, b.label) and not np.array_equal(a.image, b.image)
-    with pytest.raises(ValueError, match="dixon_marrow"):
-        phantom_slice(0, 2, 1, size=96, spacing=2.0833, dixon_marrow="old")

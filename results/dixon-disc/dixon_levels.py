@@ -15,7 +15,7 @@ failure the phantom test shows (the disc labelled as body) without any hand labe
     python results/dixon-disc/dixon_levels.py score --model MODEL --levels results/dixon-disc/levels.csv \
         --inphase runs/inphase --out results/dixon-disc/score_NAME.json
     # 4. marrow signal on the water and fat images, relative to fat and CSF (what the phantom's Dixon marrow
-    #    is set against)
+    #    was set against in run M)
     python results/dixon-disc/dixon_levels.py marrow --model pretrained --levels results/dixon-disc/levels.csv \
         --out results/dixon-disc/marrow_signal.json
 

@@ -19,7 +19,7 @@ def cmd_phantom(a) -> int:
 
     out = write_phantom_dataset(a.out, a.patients, a.slices_per_patient, size=a.size, spacing=a.spacing,
                                 seed=a.seed, contrast=a.contrast, preview=a.preview, overwrite=a.overwrite,
-                                progress=not a.quiet, randomize=a.randomize, dixon_marrow=a.dixon_marrow,
+                                progress=not a.quiet, randomize=a.randomize,
                                 **({"positions": a.positions} if a.positions else {}))
     print(f"wrote {a.patients * a.slices_per_patient} slices of {a.patients} virtual patients to {out}")
     if a.preview:
@@ -297,9 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shares of slices at the disc, the endplate, below the pedicles and through the pedicles, "
                         "normalised (default 0.25,0.20,0.20,0.35; phantoms made before 2026-11-24 used "
                         "0.14,0.22,0.24,0.40)")
-    s.add_argument("--dixon-marrow", choices=("variable", "fixed"), default="variable",
-                   help="marrow on the water and fat contrasts: follows a per-patient marrow fat fraction 0.2-0.7 "
-                        "(default) or 'fixed' at 0.30 / 0.70 of fat, as phantoms made before 2026-11-25")
     s.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_phantom)

@@ -42,15 +42,6 @@ LEVELS = ("L1", "L2", "L3", "L4", "L5")
 POSITIONS = ("disc", "endplate", "infrapedicular", "pedicle")
 POSITION_P = (0.25, 0.20, 0.20, 0.35)
 POSITION_P_BEFORE_2026_11 = (0.14, 0.22, 0.24, 0.40)  # the mix before: `--positions` with it remakes older phantoms
-# Marrow on the Dixon water and fat images follows the patient's marrow fat fraction FF: FF * k_fat on the fat
-# image and (1 - FF) * k_water on the water image, k drawn per image (trabecular bone lowers and varies the
-# marrow's signal). Measured on the two shared Dixon volumes (young volunteers, FF 0.23-0.40): marrow is a median
-# 0.12-0.13 of fat on the fat image and half of CSF on the water image (results/dixon-disc/marrow_signal.json). Phantoms made before 2026-11-25 drew
-# it at a fixed 0.70 / 0.30 (FF 0.7, k 1: the old-age corner of these ranges); DIXON_MARROW "fixed" remakes them.
-MARROW_FF = (0.2, 0.7)
-MARROW_K_FAT = (0.3, 1.0)
-MARROW_K_WATER = (0.5, 1.0)
-DIXON_MARROW = ("variable", "fixed")
 CONTRASTS = ("t2", "t2fs", "water", "fat", "t1")
 
 # tissue codes of the tissue map
@@ -295,9 +286,6 @@ def _patient_params(seed: int, patient: int) -> dict:
         "osteophytes": bool(r.random() < 0.3),
         "levels": r.permutation(5),
         "rot_bias": float(r.normal(0, 5)),
-        # vertebral marrow fat fraction (Dixon): 0.2 in young red marrow to 0.7 in old age. Its own stream, so
-        # phantoms made before it existed keep every other draw
-        "marrow_ff": float(_rng(seed, patient, 9700).uniform(*MARROW_FF)),
     }
 
 
@@ -823,14 +811,8 @@ def contrast_table(contrast: str, rng: np.random.Generator | None = None) -> np.
     return np.array(_CONTRAST_TABLES[contrast], float)
 
 
-def _tissue_table(contrast, rng, sc, a, marrow_rng=None) -> np.ndarray:
+def _tissue_table(contrast, rng, sc, a) -> np.ndarray:
     tab = contrast_table(contrast, rng)
-    if marrow_rng is not None and contrast in ("water", "fat"):
-        ff = a["pp"]["marrow_ff"]
-        if contrast == "fat":
-            tab[MARROW] = ff * marrow_rng.uniform(*MARROW_K_FAT) * tab[FAT]
-        else:
-            tab[MARROW] = (1.0 - ff) * marrow_rng.uniform(*MARROW_K_WATER)
     tab = np.clip(tab * np.exp(sc["jitter"] + a["pp"]["jitter"]), 0, None)
     tab[AIR] = 0.0
     # disc degeneration: the nucleus loses signal towards the annulus
@@ -893,12 +875,11 @@ def _slab_cuts(a: dict, sc: dict) -> list[_Cut]:
     return [c for c in cuts if c != central]
 
 
-def _render(g, a, soft, T, sc, contrast, rng, marrow_rng=None):
+def _render(g, a, soft, T, sc, contrast, rng):
     """The MR image of the slice: the central tissue map blended with the differing anatomy half a slice
-    thickness above and below (partial volume through a thick slice), then acquisition effects.
-    ``marrow_rng``: draws the Dixon marrow signal (None: the fixed tables)."""
+    thickness above and below (partial volume through a thick slice), then acquisition effects."""
     H, W = T.shape
-    tab = _tissue_table(contrast, rng, sc, a, marrow_rng)
+    tab = _tissue_table(contrast, rng, sc, a)
     texture = _smooth_noise(rng, (H, W), 90 * H * g.spacing / 200)
     streak = _smooth_noise(rng, (H, W), 60, sigma=0.8, aniso=(1.0, 0.25))
     img = _tissue_image(T, tab, texture, streak)
@@ -933,19 +914,14 @@ def randomization(seed: int, patient: int, k: int) -> dict:
 
 
 def phantom_slice(seed: int, patient: int, k: int, size: int = 512, spacing: float = 0.3906,
-                  contrast: str = "t2", randomize: bool = False, positions=POSITION_P,
-                  dixon_marrow: str = "variable") -> PhantomSlice:
+                  contrast: str = "t2", randomize: bool = False, positions=POSITION_P) -> PhantomSlice:
     """Slice ``k`` of virtual patient ``patient``: deterministic in all arguments.
 
     With ``randomize`` the contrast, matrix size, pixel spacing (field of view 180-420 mm), spine
     position, blur, noise, bias, coil profile and slice thickness come from :func:`randomization` and
     ``size`` / ``spacing`` / ``contrast`` are ignored. ``positions``: the shares of slices at each of
-    POSITIONS (default POSITION_P; see :func:`check_positions`). ``dixon_marrow``: "variable" (marrow on the
-    water and fat contrasts follows the patient's marrow fat fraction, see MARROW_FF) or "fixed" (the tables'
-    values, as phantoms made before 2026-11-25).
+    POSITIONS (default POSITION_P; see :func:`check_positions`).
     """
-    if dixon_marrow not in DIXON_MARROW:
-        raise ValueError(f"dixon_marrow must be one of {DIXON_MARROW} (got {dixon_marrow!r})")
     offset = (0.0, 0.0)
     rz = None
     if randomize:
@@ -957,8 +933,7 @@ def phantom_slice(seed: int, patient: int, k: int, size: int = 512, spacing: flo
     sc = _scanner_params(seed, a["pp"]["scanner"])
     if rz is not None:
         sc.update(rz["scanner"])
-    img = _render(g, a, soft, T, sc, contrast, _rng(seed, patient, 5000 + k),
-                  _rng(seed, patient, 9800 + k) if dixon_marrow == "variable" else None)
+    img = _render(g, a, soft, T, sc, contrast, _rng(seed, patient, 5000 + k))
     img = np.clip(img * sc["gain"], 0, 32000).astype(np.int16)
     meta = dict(_slice_meta(a), contrast=contrast, snr=round(sc["snr"], 1), size=size, spacing=spacing,
                 thickness_mm=round(sc["thickness_mm"], 1), slab=[c.position for c in _slab_cuts(a, sc)],

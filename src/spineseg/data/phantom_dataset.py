@@ -12,7 +12,7 @@ from ..errors import SpinesegError
 from ..progress import progress as progress_bar
 from ..io.atomic import atomic_dir, atomic_write_text
 from ..io.images import save_slice_nifti
-from .phantom import CONTRASTS, DIXON_MARROW, POSITION_P, POSITIONS, check_positions, phantom_slice
+from .phantom import CONTRASTS, POSITION_P, POSITIONS, check_positions, phantom_slice
 
 CASES_COLUMNS = ("case", "patient", "level", "position", "stenosis", "protrusion", "modic", "osteophytes",
                  "contrast", "spacing_mm", "size")
@@ -35,7 +35,7 @@ def dataset_json(num_training: int, name: str = "spineseg-phantom") -> dict:
 def write_phantom_dataset(out: str | Path, patients: int, slices_per_patient: int, size: int = 512,
                           spacing: float = 0.3906, seed: int = 0, contrast: str = "t2",
                           preview: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-                          randomize: bool = False, positions=POSITION_P, dixon_marrow: str = "variable") -> Path:
+                          randomize: bool = False, positions=POSITION_P) -> Path:
     if patients < 1 or slices_per_patient < 1:
         raise SpinesegError("--patients and --slices-per-patient must be at least 1")
     if size < 64 or size > 2048:
@@ -46,8 +46,6 @@ def write_phantom_dataset(out: str | Path, patients: int, slices_per_patient: in
         positions = check_positions(positions)
     except ValueError as exc:
         raise SpinesegError(f"--positions: {exc}") from None
-    if dixon_marrow not in DIXON_MARROW:
-        raise SpinesegError(f"--dixon-marrow must be one of {', '.join(DIXON_MARROW)} (got {dixon_marrow!r})")
     if contrast not in CONTRASTS + ("random", "mixed"):
         raise SpinesegError(f"unknown --contrast {contrast!r}")
     out = Path(out)
@@ -60,7 +58,7 @@ def write_phantom_dataset(out: str | Path, patients: int, slices_per_patient: in
         for p, k in progress_bar(jobs, desc="phantom", unit="slice", disable=not progress):
             c = contrast if contrast != "mixed" else (CONTRASTS + ("random",))[(p * 7 + k) % 6]
             s = phantom_slice(seed, p, k, size=size, spacing=spacing, contrast=c, randomize=randomize,
-                              positions=positions, dixon_marrow=dixon_marrow)
+                              positions=positions)
             cid = case_id(p, k)
             save_slice_nifti(tmp / "imagesTr" / f"{cid}_0000.nii.gz", s.image, s.spacing, 4.0)
             save_slice_nifti(tmp / "labelsTr" / f"{cid}.nii.gz", s.label, s.spacing, 4.0)
@@ -77,7 +75,7 @@ def write_phantom_dataset(out: str | Path, patients: int, slices_per_patient: in
         atomic_write_text(tmp / "cases.csv", buf.getvalue())
         meta = {"generator": "spineseg.phantom", "seed": seed, "patients": patients,
                 "slices_per_patient": slices_per_patient, "size": size, "spacing": spacing, "contrast": contrast,
-                "randomize": randomize, "positions": dict(zip(POSITIONS, positions)), "dixon_marrow": dixon_marrow}
+                "randomize": randomize, "positions": dict(zip(POSITIONS, positions))}
         atomic_write_text(tmp / "phantom.json", json.dumps(meta, indent=2) + "\n")
     if preview is not None:
         from ..io.preview import preview_grid
