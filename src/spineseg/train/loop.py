@@ -392,7 +392,7 @@ class Trainer:
         while True:
             yield from make_loader(self.unlabeled, tc["domain_batch_size"], True, self.augment,
                                    seed=seed + 7919 * passes, epoch=self.epoch, shard=shard,
-                                   weak_view=bool(tc["pseudo_weight"] and tc["pseudo_weak_view"]))
+                                   weak_view=bool(tc["pseudo_weak_view"]))  # refused without pseudo_weight (__init__)
             passes += 1
 
     def _validate(self, loader) -> np.ndarray:
