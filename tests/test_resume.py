@@ -365,3 +365,55 @@ def test_validation_every_n_epochs_and_always_after_the_last(small_phantom, tmp_
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert [r["val_dice_mean"] != "" for r in rows] == [False, True, True]  # epoch 2 by the rule, 3 as the last
     assert load_checkpoint(tmp_path / "r" / "best.pt")["epoch"] in (2, 3)
+
+
+def _train_ema(data, out, epochs, resume=False, decay=0.9):
+    sets = {"train": {"epochs": epochs, "ema_decay": decay}}
+    if resume:
+        t = Trainer(None, None, out, resume=True, sets={"train": {"epochs": epochs}}, progress=False,
+                    cache=out.parent / "cache")
+    else:
+        t = Trainer(data, "spineseg", out, overrides=TINY, sets=sets, progress=False, cache=out.parent / "cache")
+    t.fit()
+    return t
+
+
+def test_weight_average_is_what_the_checkpoint_serves_and_it_follows_the_ema_recursion(small_phantom, tmp_path):
+    # every step sets the weights to the step number k: the average is e_1 = 1, e_k = d e_(k-1) + (1 - d) k, d 0.75;
+    # the checkpoint's "model" (what predict and pack read) is the average, "model_train" the trained weights
+    t = Trainer(small_phantom, "spineseg", tmp_path / "run", overrides=TINY, progress=False, cache=tmp_path / "cache",
+                sets={"train": {"epochs": 1, "ema_decay": 0.75}})
+    steps = []
+
+    class Step:
+        adversary = None
+
+        def __call__(self, *args):
+            steps.append(len(steps) + 1)
+            with torch.no_grad():
+                for p in t.model.parameters():
+                    p.fill_(float(steps[-1]))
+            return {}
+
+    t.step = Step()
+    t.fit()
+    expected = 1.0
+    for k in steps[1:]:
+        expected = 0.75 * expected + 0.25 * k
+    assert len(steps) >= 3
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    params = dict(t.model.named_parameters())
+    assert all(torch.allclose(ck["model"][k], torch.full_like(ck["model"][k], expected)) for k in params)
+    assert all(torch.allclose(ck["model_train"][k], torch.full_like(ck["model_train"][k], float(steps[-1])))
+               for k in params)
+    assert ck["ema_updates"] == len(steps)
+
+
+def test_a_run_with_a_weight_average_resumes_exactly(small_phantom, tmp_path):
+    _train_ema(small_phantom, tmp_path / "once", 3)
+    _train_ema(small_phantom, tmp_path / "twice", 1)
+    _train_ema(small_phantom, tmp_path / "twice", 3, resume=True)
+    a, b = load_checkpoint(tmp_path / "once" / "last.pt"), load_checkpoint(tmp_path / "twice" / "last.pt")
+    for part in ("model", "model_train"):
+        assert max(float((a[part][k] - b[part][k]).abs().max()) for k in a[part]) <= 1e-6, part
+    assert max(float((a["model"][k] - a["model_train"][k]).abs().max()) for k in a["model"]) > 1e-4

@@ -78,6 +78,10 @@ class TrainOptions(_Section):
     # targets read from a geometry-only view of each unlabelled slice, learnt on its intensity-augmented view
     # (FixMatch-style consistency); false: both from the one augmented view
     pseudo_weak_view: bool = False
+    # exponential moving average of the network's weights, updated after every generator step; 0: off. With it,
+    # validation, best.pt / last.pt "model" (what predict, pack and --init read) are the average; "model_train"
+    # holds the trained weights for --resume
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     num_workers: int = Field(0, ge=0)
     val_every: int = Field(1, ge=1)
     amp: bool = True

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .. import NUM_CLASSES, STRUCTURES, __version__
 from ..data.augment import AugmentConfig
@@ -191,6 +192,9 @@ class Trainer:
             if self.unlabeled and tc["pseudo_weight"] else None
         self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, SegLoss(tc["beta"], tc["gamma"]),
                                   self.scaler, self.device, self.use_amp, adversary, domain, self_training)
+        # the average's first update copies the network, so weights loaded below (resume, --init) are its start
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc["ema_decay"]), use_buffers=True) \
+            if tc["ema_decay"] else None
         self.epoch, self.best, self.elapsed = 0, -1.0, 0.0
         self.rng = self.rng_ranks = None
         self.pending_row = None
@@ -278,12 +282,18 @@ class Trainer:
             "preprocess": self.pp.to_dict(), "version": __version__, "model_name": self.cfg["model"]["name"],
             "log_row": log_row,
         }
+        if self.ema is not None:  # what inference reads is the average; training resumes from its own weights
+            state.update(model=self.ema.module.state_dict(), model_train=state["model"],
+                         ema_updates=int(self.ema.n_averaged))
         if rng_ranks is not None:  # every rank's stream, so that a resume on as many processes continues each
             state["rng_ranks"] = rng_ranks
         return state
 
     def _load_state(self, ck: dict) -> None:
-        self.model.load_state_dict(ck["model"])
+        self.model.load_state_dict(ck.get("model_train", ck["model"]))
+        if self.ema is not None and "model_train" in ck:
+            self.ema.module.load_state_dict(ck["model"])
+            self.ema.n_averaged.fill_(int(ck["ema_updates"]))
         self.opt.load_state_dict(ck["opt"])
         if self.critic is not None and ck.get("critic") is not None:
             self.critic.load_state_dict(ck["critic"])
@@ -376,6 +386,8 @@ class Trainer:
                              None if real is None else real["image"].to(self.device),
                              None if real is None else real["spacing"], None if real is None else real["no_body"],
                              None if real is None or "weak" not in real else real["weak"].to(self.device))
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
@@ -398,7 +410,8 @@ class Trainer:
     def _validate(self, loader) -> np.ndarray:
         """Mean Dice per structure over the validation slices: each rank scores its part, every rank gets the
         whole (the plain network, not its DDP wrapper, which would wait for the other ranks' batches)."""
-        return mean_dice(np.concatenate(self.ranks.gather(validation_dice(self.model, loader, self.device))))
+        model = self.ema.module if self.ema is not None else self.model
+        return mean_dice(np.concatenate(self.ranks.gather(validation_dice(model, loader, self.device))))
 
     def _processes(self, rng_continued: bool) -> dict:
         """What this distributed session is: processes, backend, batch per rank and in all, learning rates."""
