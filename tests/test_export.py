@@ -153,8 +153,11 @@ def test_pack_keeps_only_what_inference_needs_in_float16(phantom_input, tmp_path
 
     _, x = phantom_input
     ck = load_checkpoint(resolve_checkpoint("pretrained"))
-    ck["model"] = float32_weights(ck["model"])
-    ck.update(optimizer={"state": {0: torch.zeros(1000)}}, critic={"w": torch.ones(3)}, rng={"torch": 1})
+    g = torch.Generator().manual_seed(0)  # float32 detail below float16's resolution, which packing must drop
+    ck["model"] = {k: v + 1e-4 * v.abs().max() * torch.rand(v.shape, generator=g) if v.is_floating_point() else v
+                   for k, v in float32_weights(ck["model"]).items()}
+    ck.update(opt={"state": {0: torch.zeros(1000)}}, critic={"w": torch.ones(3)}, scaler={}, rng={"torch": 1},
+              model_train=ck["model"], ema_updates=3)
     full = tmp_path / "full.pt"
     torch.save(ck, full)
     assert main(["pack", "--model", str(full), "--out", str(tmp_path / "packed.pt")]) == 0
@@ -162,6 +165,7 @@ def test_pack_keeps_only_what_inference_needs_in_float16(phantom_input, tmp_path
     assert set(packed) == {"model", "config", "preprocess", "version", "model_name", "epoch", "best"}
     assert packed["config"] == ck["config"] and packed["preprocess"] == ck["preprocess"]
     assert all(v.dtype == torch.float16 for v in packed["model"].values() if v.is_floating_point())
+    assert any(not torch.equal(packed["model"][k].float(), v) for k, v in ck["model"].items() if v.is_floating_point())
     reference = _logits(Predictor(full, device="cpu", engine="torch"), x)
     got = _logits(Predictor(tmp_path / "packed.pt", device="cpu", engine="torch"), x)
     assert np.abs(got - reference).max() < 0.05 * np.abs(reference).max()

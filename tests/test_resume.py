@@ -378,7 +378,10 @@ def _train_ema(data, out, epochs, resume=False, decay=0.9):
     return t
 
 
-def test_weight_average_is_what_the_checkpoint_serves_and_it_follows_the_ema_recursion(small_phantom, tmp_path):
+def test_weight_average_is_what_the_checkpoint_serves_and_it_follows_the_ema_recursion(small_phantom, tmp_path,
+                                                                                       monkeypatch):
+    import spineseg.train.loop as loop
+
     # every step sets the weights to the step number k: the average is e_1 = 1, e_k = d e_(k-1) + (1 - d) k, d 0.75;
     # the checkpoint's "model" (what predict and pack read) is the average, "model_train" the trained weights
     t = Trainer(small_phantom, "spineseg", tmp_path / "run", overrides=TINY, progress=False, cache=tmp_path / "cache",
@@ -396,7 +399,12 @@ def test_weight_average_is_what_the_checkpoint_serves_and_it_follows_the_ema_rec
             return {}
 
     t.step = Step()
+    validated = []
+    real_validation = loop.validation_dice
+    monkeypatch.setattr(loop, "validation_dice",
+                        lambda model, *a: validated.append(model) or real_validation(model, *a))
     t.fit()
+    assert validated and all(m is t.ema.module for m in validated)  # validation (and best.pt) judge the average
     expected = 1.0
     for k in steps[1:]:
         expected = 0.75 * expected + 0.25 * k
@@ -417,3 +425,12 @@ def test_a_run_with_a_weight_average_resumes_exactly(small_phantom, tmp_path):
     for part in ("model", "model_train"):
         assert max(float((a[part][k] - b[part][k]).abs().max()) for k in a[part]) <= 1e-6, part
     assert max(float((a["model"][k] - a["model_train"][k]).abs().max()) for k in a["model"]) > 1e-4
+
+
+def test_a_weight_averaged_run_from_init_serves_the_init_weights_before_its_first_step(small_phantom, tmp_path):
+    _train(small_phantom, tmp_path / "src", 1)
+    src = load_checkpoint(tmp_path / "src" / "last.pt")["model"]
+    Trainer(small_phantom, "spineseg", tmp_path / "zero", overrides=TINY, progress=False, cache=tmp_path / "cache",
+            sets={"train": {"epochs": 0, "ema_decay": 0.9}}, init=tmp_path / "src" / "last.pt").fit()
+    served = load_checkpoint(tmp_path / "zero" / "best.pt")["model"]
+    assert all(torch.equal(served[k], src[k]) for k in src)

@@ -192,7 +192,7 @@ class Trainer:
             if self.unlabeled and tc["pseudo_weight"] else None
         self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, SegLoss(tc["beta"], tc["gamma"]),
                                   self.scaler, self.device, self.use_amp, adversary, domain, self_training)
-        # the average's first update copies the network, so weights loaded below (resume, --init) are its start
+        # the average starts from the network's weights once they are loaded (below); a resume restores it
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc["ema_decay"]), use_buffers=True) \
             if tc["ema_decay"] else None
         self.epoch, self.best, self.elapsed = 0, -1.0, 0.0
@@ -202,6 +202,8 @@ class Trainer:
             self._load_state(ck)
         elif init_ck is not None:
             self._warm_start(init_src, init_ck)
+        if self.ema is not None and ck is None:  # a run that ends before its first step serves these weights
+            self.ema.module.load_state_dict(self.model.state_dict())
 
     def _unlabeled_inputs(self, run: dict, resume: bool) -> tuple | None:
         """The unlabelled real images for domain adaptation / self-training, checked: ``(cases, no-body slices,
