@@ -22,11 +22,13 @@ TINY = {"preprocess": {"target_size": 64}, "model": {"base": 4, "clusters": 8}, 
         "train": {"batch_size": 4, "lr": 1e-3, "adv_start_epoch": 1, "max_minutes": None}}
 
 
-def _train(data, out, epochs, resume=False, **kw):
+def _train(data, out, epochs, resume=False, train=None, **kw):
+    """``train``: more train.* settings for a new run (a resumed run keeps its own)."""
     sets = {"train": {"epochs": epochs}}
     if resume:
         t = Trainer(None, None, out, resume=True, sets=sets, progress=False, cache=out.parent / "cache", **kw)
     else:
+        sets["train"].update(train or {})
         t = Trainer(data, "spineseg", out, overrides=TINY, sets=sets, progress=False, cache=out.parent / "cache", **kw)
     t.fit()
     return t
@@ -367,17 +369,6 @@ def test_validation_every_n_epochs_and_always_after_the_last(small_phantom, tmp_
     assert load_checkpoint(tmp_path / "r" / "best.pt")["epoch"] in (2, 3)
 
 
-def _train_ema(data, out, epochs, resume=False, decay=0.9):
-    sets = {"train": {"epochs": epochs, "ema_decay": decay}}
-    if resume:
-        t = Trainer(None, None, out, resume=True, sets={"train": {"epochs": epochs}}, progress=False,
-                    cache=out.parent / "cache")
-    else:
-        t = Trainer(data, "spineseg", out, overrides=TINY, sets=sets, progress=False, cache=out.parent / "cache")
-    t.fit()
-    return t
-
-
 def test_weight_average_is_what_the_checkpoint_serves_and_it_follows_the_ema_recursion(small_phantom, tmp_path,
                                                                                        monkeypatch):
     import spineseg.train.loop as loop
@@ -418,9 +409,9 @@ def test_weight_average_is_what_the_checkpoint_serves_and_it_follows_the_ema_rec
 
 
 def test_a_run_with_a_weight_average_resumes_exactly(small_phantom, tmp_path):
-    _train_ema(small_phantom, tmp_path / "once", 3)
-    _train_ema(small_phantom, tmp_path / "twice", 1)
-    _train_ema(small_phantom, tmp_path / "twice", 3, resume=True)
+    _train(small_phantom, tmp_path / "once", 3, train={"ema_decay": 0.9})
+    _train(small_phantom, tmp_path / "twice", 1, train={"ema_decay": 0.9})
+    _train(small_phantom, tmp_path / "twice", 3, resume=True)
     a, b = load_checkpoint(tmp_path / "once" / "last.pt"), load_checkpoint(tmp_path / "twice" / "last.pt")
     for part in ("model", "model_train"):
         assert max(float((a[part][k] - b[part][k]).abs().max()) for k in a[part]) <= 1e-6, part
