@@ -229,7 +229,7 @@ def test_unlabeled_images_add_a_domain_critic_and_resume_exactly(small_phantom, 
     plain.fit()
     cp = load_checkpoint(tmp_path / "plain" / "last.pt")
     assert max(float((ca["model"][k] - cp["model"][k]).abs().max()) for k in ca["model"]) > 1e-4
-    with pytest.raises(SpinesegError, match="domain_weight, pseudo_weight and perimeter_weight are 0"):
+    with pytest.raises(SpinesegError, match="domain_weight and train.pseudo_weight are 0"):
         Trainer(small_phantom, "unet", tmp_path / "zero", overrides=TINY, sets={"train": {"domain_weight": 0.0}},
                 progress=False, cache=tmp_path / "cache", unlabeled=unlabeled)
 
