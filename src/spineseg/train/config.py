@@ -78,9 +78,6 @@ class TrainOptions(_Section):
     # targets read from a geometry-only view of each unlabelled slice, learnt on its intensity-augmented view
     # (FixMatch-style consistency); false: both from the one augmented view
     pseudo_weak_view: bool = False
-    # perimeter (total variation) of the body and canal probability maps on the unlabelled slices, weighted; 0: off.
-    # Each must be one region, and a map in specks has far more outline than one region of the same area
-    perimeter_weight: float = Field(0.0, ge=0)
     # exponential moving average of the network's weights, updated after every generator step; 0: off. With it,
     # validation, best.pt / last.pt "model" (what predict, pack and --init read) are the average; "model_train"
     # holds the trained weights for --resume

@@ -137,8 +137,6 @@ class Trainer:
                                 "give the unlabelled images with --unlabeled")
         if tc["pseudo_weak_view"] and not tc["pseudo_weight"]:
             raise SpinesegError("train.pseudo_weak_view is set but self-training is off: set train.pseudo_weight > 0")
-        if tc["perimeter_weight"] and not run.get("unlabeled"):
-            raise SpinesegError("train.perimeter_weight is set but it acts on unlabelled slices: give them with --unlabeled")
         if run.get("unlabeled_no_body") and not (run.get("unlabeled") and tc["pseudo_weight"]):
             raise SpinesegError("--unlabeled-no-body names slices for self-training: it needs --unlabeled and "
                                 "train.pseudo_weight > 0", run["unlabeled_no_body"])
@@ -193,8 +191,7 @@ class Trainer:
         self_training = SelfTraining(tc["pseudo_weight"], tc["pseudo_confidence"], tc["pseudo_max_change"]) \
             if self.unlabeled and tc["pseudo_weight"] else None
         self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, SegLoss(tc["beta"], tc["gamma"]),
-                                  self.scaler, self.device, self.use_amp, adversary, domain, self_training,
-                                  tc["perimeter_weight"] if self.unlabeled else 0.0)
+                                  self.scaler, self.device, self.use_amp, adversary, domain, self_training)
         # the average starts from the network's weights once they are loaded (below); a resume restores it
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc["ema_decay"]), use_buffers=True) \
             if tc["ema_decay"] else None
@@ -213,10 +210,9 @@ class Trainer:
         their list's path)``, or None when the run has none."""
         if not run.get("unlabeled"):
             return None
-        if not (self.cfg["train"]["domain_weight"] or self.cfg["train"]["pseudo_weight"]
-                or self.cfg["train"]["perimeter_weight"]):
-            raise SpinesegError("--unlabeled images are given but train.domain_weight, pseudo_weight and "
-                                "perimeter_weight are 0, so they would be ignored")
+        if not (self.cfg["train"]["domain_weight"] or self.cfg["train"]["pseudo_weight"]):
+            raise SpinesegError("--unlabeled images are given but train.domain_weight and train.pseudo_weight are 0, "
+                                "so they would be ignored")
         cases = unlabeled_cases(run["unlabeled"])
         no_body_csv = run.get("unlabeled_no_body")
         no_body = read_no_body_slices(no_body_csv, cases) if no_body_csv else None

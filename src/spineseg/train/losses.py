@@ -1,5 +1,4 @@
-"""Segmentation losses (CE + soft Dice via MONAI), the critic's WGAN-GP / clip / BCE objectives and the perimeter
-(total-variation) regulariser for unlabelled slices."""
+"""Segmentation losses (CE + soft Dice via MONAI) and the critic's WGAN-GP / clip / BCE objectives."""
 
 from __future__ import annotations
 
@@ -51,17 +50,3 @@ def generator_adv_loss(mode: str, critic, image, fake) -> torch.Tensor:
     if mode == "bce":
         return F.binary_cross_entropy_with_logits(d, torch.ones_like(d))
     return -d.mean()  # L_WG = -E[D(G(I))]
-
-
-def perimeter_loss(probs: torch.Tensor, channels: tuple[int, ...]) -> torch.Tensor:
-    """The isotropic total variation of the probability maps ``probs[:, channels]`` ((B, C, H, W), softmax), per
-    pixel: the mean over slices, channels and pixels of ``|grad p|`` (forward differences).
-
-    For a sharp map this is the region's perimeter in pixels over the image's pixel count (the coarea formula), so a
-    structure split into specks pays for every speck's whole outline while the same area in one region pays once.
-    On a saturated softmax the gradient through it is small: the term acts where the network is undecided.
-    """
-    p = probs[:, list(channels)].float()
-    dx = p[..., :-1, 1:] - p[..., :-1, :-1]
-    dy = p[..., 1:, :-1] - p[..., :-1, :-1]
-    return torch.sqrt(dx * dx + dy * dy + 1e-8).mean()

@@ -12,8 +12,7 @@ import contextlib
 import torch
 
 from .. import NUM_CLASSES
-from ..anatomy.postprocess import BODY, CANAL
-from .losses import SegLoss, critic_loss, generator_adv_loss, one_hot, perimeter_loss
+from .losses import SegLoss, critic_loss, generator_adv_loss, one_hot
 from .selftrain import SelfTraining
 
 
@@ -88,11 +87,10 @@ class GeneratorStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, seg_loss: SegLoss,
                  scaler: torch.amp.GradScaler, device: torch.device, amp: bool, adversary: Adversary | None = None,
-                 domain: DomainAdversary | None = None, self_training: SelfTraining | None = None,
-                 perimeter_weight: float = 0.0):
+                 domain: DomainAdversary | None = None, self_training: SelfTraining | None = None):
         self.model, self.optimizer, self.seg_loss, self.scaler = model, optimizer, seg_loss, scaler
         self.device, self.amp, self.adversary, self.domain = device, amp, adversary, domain
-        self.self_training, self.perimeter_weight = self_training, perimeter_weight
+        self.self_training = self_training
 
     def _autocast(self):
         return torch.autocast(self.device.type) if self.amp else contextlib.nullcontext()
@@ -101,7 +99,7 @@ class GeneratorStep:
                  unlabeled: torch.Tensor | None = None, unlabeled_spacing: torch.Tensor | None = None,
                  unlabeled_no_body: torch.Tensor | None = None, unlabeled_weak: torch.Tensor | None = None) -> dict:
         """One update. ``unlabeled``: a batch of real slices (pixel spacing ``unlabeled_spacing``, (B, 2) mm) for
-        domain adaptation, self-training and / or the perimeter term (None: none of them); ``unlabeled_no_body`` (B,): those known to
+        domain adaptation and / or self-training (None: neither term); ``unlabeled_no_body`` (B,): those known to
         hold no vertebral body; ``unlabeled_weak``: the same slices without intensity augmentation, that
         self-training reads its targets from (None: from ``unlabeled`` itself)."""
         logs = {}
@@ -118,16 +116,11 @@ class GeneratorStep:
             adv = self.adversary.generator_loss(image, probs)
             logs["loss_adv"] = float(adv.detach())
             loss = loss + self.adversary.alpha * adv
-        if unlabeled is not None and (self.domain is not None or self.self_training is not None
-                                      or self.perimeter_weight):
+        if unlabeled is not None and (self.domain is not None or self.self_training is not None):
             with self._autocast():
                 target_logits = self.model(unlabeled).float()
-            target_probs = torch.softmax(target_logits, 1)
-            if self.perimeter_weight:
-                perimeter = perimeter_loss(target_probs, (BODY, CANAL))
-                logs["loss_perimeter"] = float(perimeter.detach())
-                loss = loss + self.perimeter_weight * perimeter
             if self.domain is not None:
+                target_probs = torch.softmax(target_logits, 1)
                 logs["loss_domain_d"] = self.domain.update_critic(probs, target_probs)
                 dom = self.domain.generator_loss(target_probs)
                 logs["loss_domain"] = float(dom.detach())
