@@ -78,6 +78,9 @@ class TrainOptions(_Section):
     # targets read from a geometry-only view of each unlabelled slice, learnt on its intensity-augmented view
     # (FixMatch-style consistency); false: both from the one augmented view
     pseudo_weak_view: bool = False
+    # a term of its own for the pixels the post-processing changed (specks removed, holes filled): weight x the mean CE
+    # over them alone, on top of the plain mean over all targets; 0: off
+    pseudo_change_weight: float = Field(0.0, ge=0)
     # exponential moving average of the network's weights, updated after every generator step; 0: off. With it,
     # validation, best.pt / last.pt "model" (what predict, pack and --init read) are the average; "model_train"
     # holds the trained weights for --resume

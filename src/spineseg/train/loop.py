@@ -137,6 +137,8 @@ class Trainer:
                                 "give the unlabelled images with --unlabeled")
         if tc["pseudo_weak_view"] and not tc["pseudo_weight"]:
             raise SpinesegError("train.pseudo_weak_view is set but self-training is off: set train.pseudo_weight > 0")
+        if tc["pseudo_change_weight"] and not tc["pseudo_weight"]:
+            raise SpinesegError("train.pseudo_change_weight is set but self-training is off: set train.pseudo_weight > 0")
         if run.get("unlabeled_no_body") and not (run.get("unlabeled") and tc["pseudo_weight"]):
             raise SpinesegError("--unlabeled-no-body names slices for self-training: it needs --unlabeled and "
                                 "train.pseudo_weight > 0", run["unlabeled_no_body"])
@@ -188,7 +190,8 @@ class Trainer:
                                                betas=tuple(tc["betas"]))
             domain = DomainAdversary(self.ranks.wrap(self.domain_critic, None, maps), self.opt_domain,
                                      tc["domain_objective"], tc["domain_weight"], tc["gp_lambda"])
-        self_training = SelfTraining(tc["pseudo_weight"], tc["pseudo_confidence"], tc["pseudo_max_change"]) \
+        self_training = SelfTraining(tc["pseudo_weight"], tc["pseudo_confidence"], tc["pseudo_max_change"],
+                                     tc["pseudo_change_weight"]) \
             if self.unlabeled and tc["pseudo_weight"] else None
         self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, SegLoss(tc["beta"], tc["gamma"]),
                                   self.scaler, self.device, self.use_amp, adversary, domain, self_training)
