@@ -182,3 +182,41 @@ def test_the_weak_view_has_the_strong_views_geometry_and_none_of_its_intensity_c
         fit = torch.linalg.lstsq(A, s[content, None]).solution
         assert float((A @ fit - s[content, None]).abs().max()) < 1e-4
         assert float(fit[0]) != pytest.approx(1.0, abs=1e-6) or float(fit[1]) != pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_change_term_weighs_the_corrected_pixels_by_themselves_and_nothing_else(truth):
+    """train.pseudo_change_weight: the speck's pixels get w x the mean CE over the changed pixels on top of their share
+    of the plain mean; the gradient on every other pixel is the plain term's."""
+    lab = truth.copy()
+    rs, cs = _speck(lab)
+    lab[rs, cs] = 1
+    spacing = torch.tensor([[SPACING, SPACING]])
+
+    def grad(change_weight):
+        logits = torch.log(_probs(lab[None])).float().requires_grad_(True)
+        loss, _ = SelfTraining(1.0, 0.9, change_weight=change_weight).loss(logits, spacing)
+        loss.backward()
+        return logits.grad[0]
+
+    plain, weighted = grad(0.0), grad(0.5)
+    speck = torch.zeros(lab.shape, dtype=torch.bool)
+    speck[rs, cs] = True
+    assert torch.allclose(plain[:, ~speck], weighted[:, ~speck])
+    # CE's gradient on a pixel is (p - onehot) / n: the change term adds 0.5 x that over the 9 speck pixels alone
+    p = _probs(lab[None]).float()[0][:, speck]
+    extra = 0.5 * (p - F.one_hot(torch.zeros(9, dtype=torch.long), NUM_CLASSES).T.float()) / 9
+    assert torch.allclose(weighted[:, speck] - plain[:, speck], extra, atol=1e-6)
+    assert (weighted[0, speck] < plain[0, speck]).all()  # descent raises background there more strongly
+
+
+def test_a_run_passes_the_change_weight_to_self_training_and_refuses_it_without(small_phantom, tmp_path):
+    from spineseg.errors import SpinesegError
+    from spineseg.train.loop import Trainer
+
+    tiny = {"preprocess": {"target_size": 64}, "model": {"base": 4}, "train": {"batch_size": 4, "max_minutes": None}}
+    kw = dict(overrides=tiny, progress=False, cache=tmp_path / "cache", unlabeled=[small_phantom / "imagesTr"])
+    t = Trainer(small_phantom, "unet", tmp_path / "on", **kw,
+                sets={"train": {"epochs": 1, "pseudo_weight": 1.0, "pseudo_change_weight": 0.25}})
+    assert t.step.self_training.change_weight == 0.25
+    with pytest.raises(SpinesegError, match="pseudo_change_weight is set but self-training is off"):
+        Trainer(small_phantom, "unet", tmp_path / "off", **kw, sets={"train": {"pseudo_change_weight": 0.25}})
