@@ -220,3 +220,18 @@ def test_a_run_passes_the_change_weight_to_self_training_and_refuses_it_without(
     assert t.step.self_training.change_weight == 0.25
     with pytest.raises(SpinesegError, match="pseudo_change_weight is set but self-training is off"):
         Trainer(small_phantom, "unet", tmp_path / "off", **kw, sets={"train": {"pseudo_change_weight": 0.25}})
+
+
+def test_the_change_term_leaves_out_slices_known_to_hold_no_body(truth):
+    """On a --unlabeled-no-body slice every body pixel is a changed pixel: the weak label, not a correction. The
+    change term leaves such a slice to the plain term (run C, which counted them, dropped whole vertebral bodies)."""
+    lab = truth.copy()
+    spacing = torch.tensor([[SPACING, SPACING]])
+
+    def grad(change_weight):
+        logits = torch.log(_probs(lab[None])).float().requires_grad_(True)
+        loss, _ = SelfTraining(1.0, 0.9, change_weight=change_weight).loss(logits, spacing, torch.tensor([True]))
+        loss.backward()
+        return logits.grad
+
+    assert torch.allclose(grad(0.0), grad(0.5))

@@ -14,7 +14,8 @@ On every unlabelled batch the generator's own prediction becomes a target where 
   (max probability >= ``train.pseudo_confidence``) and on every pixel the post-processing changed (a speck,
   a second body piece, a filled hole): those corrections are what the raw prediction must learn.
 - with ``train.pseudo_change_weight`` > 0, the changed pixels also get a term of their own, the mean
-  cross-entropy over them alone. In the plain mean they are a few dozen pixels among some 10^5 confident ones.
+  cross-entropy over them alone (not on ``--unlabeled-no-body`` slices, whose every body pixel "changes": counted,
+  they taught the network to drop whole vertebral bodies, run C in ``results/dixon-disc``). In the plain mean they are a few dozen pixels among some 10^5 confident ones.
   On 12 unlabelled batches of the shipped model's training, the median gradient norm of the plain term was 0.012,
   of the domain term (x 0.01) 0.16, and of the mean over the changed pixels alone 213.
 
@@ -102,6 +103,8 @@ class SelfTraining:
         loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
         if self.change_weight:
             changed = (targets != IGNORE) & (targets != source.detach().argmax(1))
+            if no_body is not None:  # the weak label's removals are not post-processing corrections (run C)
+                changed[torch.as_tensor(no_body, dtype=torch.bool, device=changed.device).reshape(-1)] = False
             if changed.any():
                 only = torch.where(changed, targets, torch.full_like(targets, IGNORE))
                 loss = loss + self.change_weight * F.cross_entropy(logits.float(), only, ignore_index=IGNORE)
