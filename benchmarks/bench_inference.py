@@ -10,7 +10,7 @@ network on a batch of preprocessed slices, once; "end to end" (with ``tta``: fli
 ``batch`` phantom slices at 512 x 512 (wavelet denoising, CLAHE, ROI, resize, network, mapping the
 probabilities back, post-processing), per slice. ``seconds_per_slice`` is the median over the repeats,
 ``seconds_per_slice_min`` the fastest (what the machine does when nothing else competes). Weights are random (the same speed as trained ones).
-bf16 rows run only where the processor has native bfloat16 (``spineseg.infer.engine.native_bf16``);
+bf16 rows run only where the processor has native bfloat16 (``spineseg.precision.native_bf16``);
 elsewhere one emulated row of the small configuration shows why predict refuses it. Each value is the
 median of ``--repeats`` runs after a warm-up; other processes on the machine are not controlled, so the
 JSON records the load average of every row and before / after every run. ``load``: seconds to load
@@ -86,7 +86,7 @@ def _phantom_volume(slices: int):
 def speed_rows(args) -> tuple[list[dict], list[dict]]:
     import numpy as np
 
-    from spineseg.infer.engine import native_bf16
+    from spineseg.precision import native_bf16
     from spineseg.infer.predict import Predictor, resolve_checkpoint
     from spineseg.preprocess.pipeline import preprocess_slice
     import torch
@@ -238,7 +238,8 @@ def main():
     a = ap.parse_args()
     import torch
 
-    from spineseg.infer.engine import available_cores, native_bf16
+    from spineseg.infer.engine import available_cores
+    from spineseg.precision import native_bf16
 
     a.threads = a.threads or available_cores()
     path = Path(a.json)

@@ -425,3 +425,22 @@ def test_a_weight_averaged_run_from_init_serves_the_init_weights_before_its_firs
             sets={"train": {"epochs": 0, "ema_decay": 0.9}}, init=tmp_path / "src" / "last.pt").fit()
     served = load_checkpoint(tmp_path / "zero" / "best.pt")["model"]
     assert all(torch.equal(served[k], src[k]) for k in src)
+
+
+@pytest.mark.parametrize("native,amp,expected", [(True, True, torch.bfloat16), (False, True, torch.float32),
+                                                 (True, False, torch.float32)])
+def test_cpu_training_runs_the_generator_in_bf16_only_where_the_processor_has_it(small_phantom, tmp_path, monkeypatch,
+                                                                                  native, amp, expected):
+    from spineseg import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    out = tmp_path / "run"
+    t = Trainer(small_phantom, "spineseg", out, overrides=TINY, sets={"train": {"epochs": 1, "amp": amp}},
+                progress=False, device="cpu", cache=tmp_path / "cache")
+    seen = set()  # the dtype every convolution of the generator computes in while it trains
+    for m in t.model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, args, out_: seen.add(out_.dtype) if mod.training else None)
+    t.fit()
+    assert seen == {expected}
+    assert load_checkpoint(out / "last.pt")["precision"] == {torch.bfloat16: "bf16", torch.float32: "fp32"}[expected]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import SpinesegError
+from ..precision import native_bf16
 
 ENGINES = ("torch", "onnx")
 PRECISIONS = ("fp32", "bf16")
@@ -34,16 +35,6 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes in bfloat16 natively (AVX512-BF16 / AMX on a CPU; Ampere or later on CUDA)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 @dataclass

@@ -40,6 +40,7 @@ from ..models.checkpoint import (float32_weights, load_checkpoint, model_from_co
                                 save_checkpoint)
 from ..models.critic import Critic
 from ..overlap import dice_per_structure
+from ..precision import dtype_name, training_autocast_dtype
 from ..preprocess.pipeline import PreprocessCache, PreprocessConfig
 from ..progress import progress as progress_bar
 from .config import EXTENDABLE, config_differences, describe_value, resolve_config, validate_config
@@ -171,8 +172,10 @@ class Trainer:
         image = torch.zeros(2, 1, size, size, device=self.device)  # what the networks see, to wrap them for DDP
         self.opt = torch.optim.Adam(self.model.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]),
                                     weight_decay=tc["weight_decay"])
-        self.use_amp = bool(tc["amp"]) and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        # mixed precision: fp16 + a gradient scaler on CUDA, bf16 on a CPU with native bfloat16, else fp32
+        self.amp_dtype = training_autocast_dtype(self.device) if tc["amp"] else None
+        self.precision = dtype_name(self.amp_dtype)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.critic = self.opt_d = None
         adversary = None
         if tc["adversarial"] != "none":
@@ -194,7 +197,7 @@ class Trainer:
                                      tc["pseudo_change_weight"]) \
             if self.unlabeled and tc["pseudo_weight"] else None
         self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, SegLoss(tc["beta"], tc["gamma"]),
-                                  self.scaler, self.device, self.use_amp, adversary, domain, self_training)
+                                  self.scaler, self.device, self.amp_dtype, adversary, domain, self_training)
         # the average starts from the network's weights once they are loaded (below); a resume restores it
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc["ema_decay"]), use_buffers=True) \
             if tc["ema_decay"] else None
@@ -285,7 +288,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "rng": capture_rng(),
             "epoch": self.epoch, "best": self.best, "elapsed": self.elapsed, "config": self.cfg,
             "preprocess": self.pp.to_dict(), "version": __version__, "model_name": self.cfg["model"]["name"],
-            "log_row": log_row,
+            "log_row": log_row, "precision": self.precision,
         }
         if self.ema is not None:  # what inference reads is the average; training resumes from its own weights
             state.update(model=self.ema.module.state_dict(), model_train=state["model"],
@@ -463,6 +466,10 @@ class Trainer:
                 self._processes(rng_continued)]
             self._announce(sessions[-1], resumed)
             self._write_sessions(sessions)
+        if ranks.is_main and self.progress:
+            print(f"precision: {self.precision}" + (" (autocast of the generator's forward passes; critics, losses and "
+                                                    "validation in fp32)" if self.amp_dtype is not None else ""),
+                  flush=True)
         val_part = ranks.shard(self.data.val)
         val_loader = make_loader(val_part, tc["batch_size"], False) if val_part else ()
         cap = (tc.get("max_minutes") or 0) * 60

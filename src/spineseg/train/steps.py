@@ -1,8 +1,8 @@
 """One optimisation step per batch: the generator's supervised loss, plus an adversarial strategy when on.
 
 The adversarial part is a strategy object (`Adversary`), not a subclass: it updates the critic and
-adds the generator's adversarial term. Mixed precision (CUDA) covers the generator's forward pass;
-the critic and every loss run in float32.
+adds the generator's adversarial term. Mixed precision (fp16 on CUDA, bf16 on a CPU with native
+bfloat16) covers the generator's forward passes; the critic and every loss run in float32.
 """
 
 from __future__ import annotations
@@ -86,14 +86,17 @@ class GeneratorStep:
     """Supervised CE + Dice on the labelled batch; with an adversary, critic update(s) first."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, seg_loss: SegLoss,
-                 scaler: torch.amp.GradScaler, device: torch.device, amp: bool, adversary: Adversary | None = None,
+                 scaler: torch.amp.GradScaler, device: torch.device, amp_dtype: torch.dtype | None,
+                 adversary: Adversary | None = None,
                  domain: DomainAdversary | None = None, self_training: SelfTraining | None = None):
         self.model, self.optimizer, self.seg_loss, self.scaler = model, optimizer, seg_loss, scaler
-        self.device, self.amp, self.adversary, self.domain = device, amp, adversary, domain
+        self.device, self.amp_dtype, self.adversary, self.domain = device, amp_dtype, adversary, domain
         self.self_training = self_training
 
     def _autocast(self):
-        return torch.autocast(self.device.type) if self.amp else contextlib.nullcontext()
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def __call__(self, image: torch.Tensor, labels: torch.Tensor, adversarial: bool,
                  unlabeled: torch.Tensor | None = None, unlabeled_spacing: torch.Tensor | None = None,

@@ -1,0 +1,35 @@
+"""Reduced precision: what a device computes natively, and what training's mixed precision uses there.
+
+Training (`train.amp`) and inference (`--precision bf16`) both ask here, so that they agree on which
+processors have native bfloat16 arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively (AVX512-BF16 / AMX on a CPU; Ampere or later on CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def training_autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype `train.amp` runs the generator's forward passes in on ``device``: float16 on CUDA (with a
+    gradient scaler), bfloat16 on a CPU with native bfloat16 arithmetic (no scaler: bfloat16 has float32's
+    range), None (float32) on any other CPU, where emulated bfloat16 is many times slower than float32."""
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and native_bf16(device):
+        return torch.bfloat16
+    return None
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """``fp32`` / ``fp16`` / ``bf16``: how logs and records name a training precision."""
+    return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
