@@ -157,6 +157,26 @@ def test_one_step_lowers_supervised_loss():
     assert loss_fn(m(x), y).item() < before
 
 
+def _disc_level_batch(false_body: bool):
+    """Two slices: one with a body, drawn exactly; one at disc level (no body), with or without a false body."""
+    y = torch.zeros(2, 32, 32, dtype=torch.long)
+    y[:, 20:26, 12:20] = 2  # canal on both
+    y[0, 4:16, 8:24] = 1  # a body on the first only
+    pred = y.clone()
+    if false_body:
+        pred[1, 4:16, 8:24] = 1
+    return F.one_hot(pred, 4).permute(0, 3, 1, 2).float() * 5.0, y  # confident, as a trained network is
+
+
+def test_batch_dice_counts_a_body_drawn_on_a_slice_without_one():
+    per_image, batch = SegLoss(ce_weight=0.0), SegLoss(ce_weight=0.0, batch_dice=True)
+    clean, wrong = _disc_level_batch(False), _disc_level_batch(True)
+    # per image, the empty body channel of the disc-level slice scores ~1 whether or not a body is drawn there: its
+    # faint background probabilities (~0.007 a pixel) already outweigh the smoothing term
+    assert abs(float(per_image(*wrong) - per_image(*clean))) < 1e-3
+    # over the batch, the false body halves the body's Dice (2 x 192 / (192 + 2 x 192)): +1/3 x 1/3 of the loss
+    assert float(batch(*wrong) - batch(*clean)) == pytest.approx(1 / 9, abs=0.01)
+
 def _independent_gradient_penalty(critic, img, real, fake, eps):
     """(||d critic / d x_hat||_2 - 1)^2 averaged over samples, one sample at a time with torch.func."""
     from torch.func import grad

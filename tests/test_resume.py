@@ -444,3 +444,11 @@ def test_cpu_training_runs_the_generator_in_bf16_only_where_the_processor_has_it
     t.fit()
     assert seen == {expected}
     assert load_checkpoint(out / "last.pt")["precision"] == {torch.bfloat16: "bf16", torch.float32: "fp32"}[expected]
+
+
+def test_batch_dice_reaches_the_training_loss(small_phantom, tmp_path):
+    t = Trainer(small_phantom, "spineseg", tmp_path / "run", overrides=TINY, sets={"train": {"dice_batch": True}},
+                progress=False, cache=tmp_path / "cache")
+    assert t.step.seg_loss.dice.batch is True
+    t = Trainer(small_phantom, "spineseg", tmp_path / "run2", overrides=TINY, progress=False, cache=tmp_path / "cache")
+    assert t.step.seg_loss.dice.batch is False  # the default keeps older runs' per-image Dice

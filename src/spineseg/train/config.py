@@ -63,6 +63,9 @@ class TrainOptions(_Section):
     alpha: float = 0.01
     beta: float = 1.0
     gamma: float = 1.0
+    # soft Dice over the whole batch per class (nnU-Net's batch Dice) rather than per image; false keeps older runs'
+    # per-image Dice, under which a body drawn on a slice without one (disc level) costs the Dice term nothing
+    dice_batch: bool = False
     gp_lambda: float = Field(10.0, ge=0)
     clip: float = Field(0.01, gt=0)
     # output-space domain adaptation with unlabelled real slices (`train --unlabeled`): a label-map critic

@@ -196,7 +196,7 @@ class Trainer:
         self_training = SelfTraining(tc["pseudo_weight"], tc["pseudo_confidence"], tc["pseudo_max_change"],
                                      tc["pseudo_change_weight"]) \
             if self.unlabeled and tc["pseudo_weight"] else None
-        self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, SegLoss(tc["beta"], tc["gamma"]),
+        self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, SegLoss(tc["beta"], tc["gamma"], tc["dice_batch"]),
                                   self.scaler, self.device, self.amp_dtype, adversary, domain, self_training)
         # the average starts from the network's weights once they are loaded (below); a resume restores it
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc["ema_decay"]), use_buffers=True) \

@@ -8,12 +8,18 @@ from monai.losses import DiceLoss
 
 
 class SegLoss(torch.nn.Module):
-    """beta * CE (all classes) + gamma * soft Dice (foreground classes, smoothed)."""
+    """beta * CE (all classes) + gamma * soft Dice (foreground classes, smoothed).
 
-    def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0):
+    ``batch_dice``: the Dice of each class over the whole batch (nnU-Net's batch Dice) instead of per image
+    and then averaged. Per image, a class a slice does not hold (no vertebral body at disc level) scores
+    about 1 whatever the network draws there, so the Dice term never learns to leave it empty; over the batch,
+    a body drawn on such a slice counts against the batch's Dice."""
+
+    def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0, batch_dice: bool = False):
         super().__init__()
         self.ce_w, self.dice_w = ce_weight, dice_weight
-        self.dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5,
+                             batch=batch_dice)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ce = F.cross_entropy(logits.float(), target)
