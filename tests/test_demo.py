@@ -19,8 +19,11 @@ def test_demo_writes_metrics_that_name_the_model_file_it_tested(tmp_path, capsys
 
     monkeypatch.setattr(metrics_module, "summarise", no_lamina_hd95)
     out = tmp_path / "demo"
-    assert main(["--out", str(out), "--patients", "6", "--slices-per-patient", "1", "--minutes", "0.01"]) == 0
+    assert main(["--out", str(out), "--patients", "6", "--slices-per-patient", "1", "--minutes", "0.01",
+                 "--set", "train.dice_batch=true"]) == 0
     m = json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "run" / "config.json").read_text())["train"]["dice_batch"] is True  # --set reached training
+    assert m["config_sets"] == ["train.dice_batch=true"] and m["train_precision"] in ("fp32", "bf16")
     tested = out / "run" / "best.pt"
     assert m["predictor"]["sha256"] == hashlib.sha256(tested.read_bytes()).hexdigest()
     assert m["predictor"]["checkpoint"] == str(tested)
@@ -33,3 +36,10 @@ def test_demo_writes_metrics_that_name_the_model_file_it_tested(tmp_path, capsys
     assert "held-out test patients" in printed and m["lamina"]["hd95"] is None
     lamina_row = next(line for line in printed.splitlines() if line.startswith("lamina"))
     assert lamina_row.split()[3] == "-"  # structure, Dice, ±std, HD95
+
+
+def test_an_unknown_set_key_fails_before_the_phantom_is_made(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["--out", str(out), "--patients", "6", "--slices-per-patient", "1", "--set", "train.nope=1"]) == 2
+    assert "train.nope: unknown key" in capsys.readouterr().err
+    assert not out.exists()
