@@ -1,4 +1,4 @@
-"""Run every benchmark (`make bench`): phantom speed, attention, inference. Prints tables, writes JSON."""
+"""Run every benchmark (`make bench`): phantom speed, attention, inference, training. Prints tables, writes JSON."""
 
 import argparse
 import subprocess
@@ -18,6 +18,7 @@ def main():
     subprocess.run([py, str(here / "bench_phantom.py"), "--json", str(out / "phantom.json")], check=True)
     subprocess.run([py, "-m", "spineseg.cli", "bench", "attention", "--json", str(out / "attention.json")], check=True)
     subprocess.run([py, str(here / "bench_inference.py"), "--repeats", "11", "--json", str(out / "inference.json")], check=True)
+    subprocess.run([py, str(here / "bench_train.py"), "--json", str(out / "train.json")], check=True)
 
 
 if __name__ == "__main__":
