@@ -72,10 +72,10 @@ def _gflop_per_slice(model, size: int) -> float:
 def _phantom_volume(slices: int):
     """``slices`` phantom slices at 512 x 512, 0.3906 mm, as one display-convention Image."""
     import numpy as np
+    from nibabel import orientations as nio
 
     from spineseg.data.phantom import phantom_slice
     from spineseg.io.images import Image, slice_affine
-    from nibabel import orientations as nio
 
     data = np.stack([phantom_slice(0, p, 0).image for p in range(slices)]).astype(np.float32)
     spacing = (0.3906, 0.3906)
@@ -85,11 +85,11 @@ def _phantom_volume(slices: int):
 
 def speed_rows(args) -> tuple[list[dict], list[dict]]:
     import numpy as np
-
-    from spineseg.precision import native_bf16
-    from spineseg.infer.predict import Predictor, resolve_checkpoint
-    from spineseg.preprocess.pipeline import preprocess_slice
     import torch
+
+    from spineseg.infer.predict import Predictor, resolve_checkpoint
+    from spineseg.precision import native_bf16
+    from spineseg.preprocess.pipeline import preprocess_slice
 
     native = native_bf16(torch.device("cpu"))
     rows, loads = [], []

@@ -31,8 +31,8 @@ def main() -> None:
     from spineseg.models.critic import Critic
     from spineseg.precision import dtype_name, native_bf16, training_autocast_dtype
     from spineseg.train.config import resolve_config
-    from spineseg.train.losses import SegLoss
-    from spineseg.train.steps import Adversary, GeneratorStep
+    from spineseg.train.losses import seg_loss_from_config
+    from spineseg.train.steps import GeneratorStep, adversary_from_config, critic_optimizer, generator_optimizer
 
     cfg = resolve_config("spineseg", "cpu-quick")
     tc, size, cpu = cfg["train"], cfg["preprocess"]["target_size"], torch.device("cpu")
@@ -42,10 +42,9 @@ def main() -> None:
     for dtype in (None, training_autocast_dtype(cpu)) if native_bf16(cpu) else (None,):
         torch.manual_seed(0)
         model, critic = model_from_config(cfg), Critic(1 + NUM_CLASSES, **cfg["critic"])
-        opt = torch.optim.Adam(model.parameters(), lr=tc["lr"])
-        adversary = Adversary(critic, torch.optim.Adam(critic.parameters(), lr=tc["lr_critic"]), "wgan-gp")
-        step = GeneratorStep(model, opt, SegLoss(tc["beta"], tc["gamma"]), torch.amp.GradScaler("cuda", enabled=False),
-                             cpu, dtype, adversary)
+        adversary = adversary_from_config(critic, critic_optimizer(critic, tc), tc)
+        step = GeneratorStep(model, generator_optimizer(model, tc), seg_loss_from_config(tc),
+                             torch.amp.GradScaler("cuda", enabled=False), cpu, dtype, adversary)
         step(image, labels, True)  # warm-up
         times = []
         for _ in range(a.repeats):

@@ -42,3 +42,10 @@ def test_shared_anatomy_sits_below_training_and_inference():
     for path in sorted((PACKAGE / "anatomy").rglob("*.py")):
         above_io = _imported_layers(path, "anatomy") - {"io"}
         assert not above_io, f"{path.name} imports {above_io}"
+
+
+def test_inference_never_imports_training():
+    # infer sits above train in LAYERS, yet checkpoints and model construction live below both (models/)
+    offending = [str(p.relative_to(PACKAGE)) for p in sorted((PACKAGE / "infer").rglob("*.py"))
+                 if "train" in _imported_layers(p, "infer")]
+    assert not offending, offending

@@ -177,6 +177,7 @@ def test_batch_dice_counts_a_body_drawn_on_a_slice_without_one():
     # over the batch, the false body halves the body's Dice (2 x 192 / (192 + 2 x 192)): +1/3 x 1/3 of the loss
     assert float(batch(*wrong) - batch(*clean)) == pytest.approx(1 / 9, abs=0.01)
 
+
 def _independent_gradient_penalty(critic, img, real, fake, eps):
     """(||d critic / d x_hat||_2 - 1)^2 averaged over samples, one sample at a time with torch.func."""
     from torch.func import grad

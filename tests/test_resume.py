@@ -427,6 +427,15 @@ def test_a_weight_averaged_run_from_init_serves_the_init_weights_before_its_firs
     assert all(torch.equal(served[k], src[k]) for k in src)
 
 
+def _training_dtypes(trainer) -> set:
+    """The dtypes the generator's convolutions compute in while ``trainer`` trains (validation left out)."""
+    seen = set()
+    for m in trainer.model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, args, out_: seen.add(out_.dtype) if mod.training else None)
+    return seen
+
+
 @pytest.mark.parametrize("native,amp,expected", [(True, True, torch.bfloat16), (False, True, torch.float32),
                                                  (True, False, torch.float32)])
 def test_cpu_training_runs_the_generator_in_bf16_only_where_the_processor_has_it(small_phantom, tmp_path, monkeypatch,
@@ -437,13 +446,43 @@ def test_cpu_training_runs_the_generator_in_bf16_only_where_the_processor_has_it
     out = tmp_path / "run"
     t = Trainer(small_phantom, "spineseg", out, overrides=TINY, sets={"train": {"epochs": 1, "amp": amp}},
                 progress=False, device="cpu", cache=tmp_path / "cache")
-    seen = set()  # the dtype every convolution of the generator computes in while it trains
-    for m in t.model.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            m.register_forward_hook(lambda mod, args, out_: seen.add(out_.dtype) if mod.training else None)
+    seen = _training_dtypes(t)
     t.fit()
     assert seen == {expected}
     assert load_checkpoint(out / "last.pt")["precision"] == {torch.bfloat16: "bf16", torch.float32: "fp32"}[expected]
+
+
+def test_mixed_precision_on_cuda_stays_fp16_with_a_gradient_scaler():
+    from spineseg.precision import can_autocast, training_autocast_dtype
+
+    cuda = torch.device("cuda")  # no GPU needed: the choice, not the arithmetic
+    assert training_autocast_dtype(cuda) is torch.float16 and can_autocast(torch.float16, cuda)
+    assert not can_autocast(torch.float16, torch.device("cpu"))
+
+
+def test_a_resumed_run_keeps_the_precision_it_trained_in_where_the_device_can(small_phantom, tmp_path, monkeypatch,
+                                                                               capsys):
+    from spineseg import precision
+    from spineseg.models.checkpoint import save_checkpoint
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    _train(small_phantom, tmp_path / "old", 1)
+    ck = load_checkpoint(tmp_path / "old" / "last.pt")
+    del ck["precision"]  # saved before precision was recorded: train.amp then meant fp32 on the CPU
+    save_checkpoint(tmp_path / "old" / "last.pt", ck)
+    t = Trainer(None, None, tmp_path / "old", resume=True, sets={"train": {"epochs": 2}}, progress=False,
+                device="cpu", cache=tmp_path / "cache")
+    seen = _training_dtypes(t)
+    t.fit()
+    assert seen == {torch.float32} and load_checkpoint(tmp_path / "old" / "last.pt")["precision"] == "fp32"
+
+    _train(small_phantom, tmp_path / "bf16", 1)  # a bf16 run, resumed where there is no native bfloat16
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    t = Trainer(None, None, tmp_path / "bf16", resume=True, sets={"train": {"epochs": 2}}, progress=True,
+                device="cpu", cache=tmp_path / "cache")
+    seen = _training_dtypes(t)
+    t.fit()
+    assert seen == {torch.float32} and "trained in bf16" in capsys.readouterr().out
 
 
 def test_batch_dice_reaches_the_training_loss(small_phantom, tmp_path):

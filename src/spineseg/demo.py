@@ -67,7 +67,7 @@ def _run(a) -> int:
     from .infer.predict import Predictor
     from .io.atomic import atomic_write_text
     from .io.layouts import load_dataset
-    from .train.config import parse_set, resolve_config
+    from .train.config import config_differences, describe_value, parse_set, resolve_config
     from .train.loop import Trainer
 
     out = Path(a.out)
@@ -98,7 +98,10 @@ def _run(a) -> int:
     summary = summarise(rows)
     metrics = {
         "model": a.model, "config": "cpu-quick", "randomized_phantom": not a.no_randomize, "test_patients": len({c.patient for c in cases}),
-        "config_sets": a.set, "train_precision": trainer.precision,
+        # what the run trained with beyond cpu-quick (a resumed demo keeps its first --set), and in which precision
+        "config_changes": {k: describe_value(trainer.cfg, k) for k in
+                           config_differences(resolve_config(a.model, "cpu-quick"), trainer.cfg) if k != "run"},
+        "train_precision": trainer.precision,
         "test_slices": len(rows), "train_epochs": res["epochs"], "train_seconds": round(train_s, 1),
         "total_seconds": round(time.perf_counter() - t0, 1), "hd95_definition": "MONAI (max of directed 95th percentiles)",
         "predictor": pred.describe(),  # the file that was tested (with its SHA-256), engine, post-processing

@@ -30,6 +30,18 @@ def training_autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # None: no autocast
+
+
 def dtype_name(dtype: torch.dtype | None) -> str:
-    """``fp32`` / ``fp16`` / ``bf16``: how logs and records name a training precision."""
-    return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    """``fp32`` / ``fp16`` / ``bf16``: how logs and checkpoints name a training precision."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def can_autocast(dtype: torch.dtype | None, device: torch.device) -> bool:
+    """Whether training on ``device`` can run in ``dtype`` (None: float32, always) at a useful speed."""
+    if dtype is None:
+        return True
+    if dtype == torch.float16:
+        return device.type == "cuda"
+    return native_bf16(device)

@@ -40,18 +40,18 @@ from ..models.checkpoint import (float32_weights, load_checkpoint, model_from_co
                                 save_checkpoint)
 from ..models.critic import Critic
 from ..overlap import dice_per_structure
-from ..precision import dtype_name, training_autocast_dtype
+from ..precision import DTYPES, can_autocast, dtype_name, training_autocast_dtype
 from ..preprocess.pipeline import PreprocessCache, PreprocessConfig
 from ..progress import progress as progress_bar
 from .config import EXTENDABLE, config_differences, describe_value, resolve_config, validate_config
 from .data import (dataset_fingerprint, load_training_data, load_unlabeled, read_no_body_slices, resolve_splits,
                    training_cases, unlabeled_cases)
 from .distributed import current as current_ranks, rank_seed
-from .losses import SegLoss
+from .losses import seg_loss_from_config
 from .runlog import RunLog
 from .selftrain import SelfTraining
 from .state import capture_rng, restore_rng, seed_everything
-from .steps import Adversary, DomainAdversary, GeneratorStep
+from .steps import DomainAdversary, GeneratorStep, adversary_from_config, critic_optimizer, generator_optimizer
 
 
 @torch.no_grad()
@@ -170,34 +170,33 @@ class Trainer:
         self.model = model_from_config(self.cfg).to(self.device)
         size = self.pp.target_size
         image = torch.zeros(2, 1, size, size, device=self.device)  # what the networks see, to wrap them for DDP
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]),
-                                    weight_decay=tc["weight_decay"])
+        self.opt = generator_optimizer(self.model, tc)
         # mixed precision: fp16 + a gradient scaler on CUDA, bf16 on a CPU with native bfloat16, else fp32
         self.amp_dtype = training_autocast_dtype(self.device) if tc["amp"] else None
+        if ck is not None:
+            self.amp_dtype = self._resumed_precision(ck)
         self.precision = dtype_name(self.amp_dtype)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.critic = self.opt_d = None
         adversary = None
         if tc["adversarial"] != "none":
             self.critic = Critic(1 + NUM_CLASSES, **self.cfg["critic"]).to(self.device)
-            self.opt_d = torch.optim.Adam(self.critic.parameters(), lr=tc["lr_critic"], betas=tuple(tc["betas"]))
+            self.opt_d = critic_optimizer(self.critic, tc)
             critic = self.ranks.wrap(self.critic, image, torch.zeros(2, NUM_CLASSES, size, size, device=self.device))
-            adversary = Adversary(critic, self.opt_d, tc["adversarial"], tc["n_critic"], tc["gp_lambda"],
-                                  tc["clip"], tc["alpha"])
+            adversary = adversary_from_config(critic, self.opt_d, tc)
         self.domain_critic = self.opt_domain = None
         domain = None
         if self.unlabeled and tc["domain_weight"]:
             maps = torch.zeros(2, NUM_CLASSES, size, size, device=self.device)
             self.domain_critic = Critic(NUM_CLASSES, **self.cfg["critic"]).to(self.device)
-            self.opt_domain = torch.optim.Adam(self.domain_critic.parameters(), lr=tc["lr_critic"],
-                                               betas=tuple(tc["betas"]))
+            self.opt_domain = critic_optimizer(self.domain_critic, tc)
             domain = DomainAdversary(self.ranks.wrap(self.domain_critic, None, maps), self.opt_domain,
                                      tc["domain_objective"], tc["domain_weight"], tc["gp_lambda"])
         self_training = SelfTraining(tc["pseudo_weight"], tc["pseudo_confidence"], tc["pseudo_max_change"],
                                      tc["pseudo_change_weight"]) \
             if self.unlabeled and tc["pseudo_weight"] else None
-        self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, SegLoss(tc["beta"], tc["gamma"], tc["dice_batch"]),
-                                  self.scaler, self.device, self.amp_dtype, adversary, domain, self_training)
+        self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, seg_loss_from_config(tc), self.scaler,
+                                  self.device, self.amp_dtype, adversary, domain, self_training)
         # the average starts from the network's weights once they are loaded (below); a resume restores it
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc["ema_decay"]), use_buffers=True) \
             if tc["ema_decay"] else None
@@ -296,6 +295,17 @@ class Trainer:
         if rng_ranks is not None:  # every rank's stream, so that a resume on as many processes continues each
             state["rng_ranks"] = rng_ranks
         return state
+
+    def _resumed_precision(self, ck: dict) -> torch.dtype | None:
+        """A resumed run keeps the precision it trained in, where this device can run it. A checkpoint saved before
+        precision was recorded trained as ``train.amp`` meant then: fp16 on CUDA, fp32 on the CPU."""
+        saved = ck.get("precision") or ("fp16" if self.amp_dtype == torch.float16 else "fp32")
+        if can_autocast(DTYPES[saved], self.device):
+            return DTYPES[saved]
+        if self.ranks.is_main:
+            print(f"note: {self.out} trained in {saved}, which this {self.device.type} cannot run at speed; it "
+                  f"continues in {dtype_name(self.amp_dtype)}, so the resumed run is not bit-exact", flush=True)
+        return self.amp_dtype
 
     def _load_state(self, ck: dict) -> None:
         self.model.load_state_dict(ck.get("model_train", ck["model"]))

@@ -27,6 +27,11 @@ class SegLoss(torch.nn.Module):
         return self.ce_w * ce + self.dice_w * dice
 
 
+def seg_loss_from_config(tc: dict) -> SegLoss:
+    """The supervised loss of the ``train`` section of a config (``beta`` x CE + ``gamma`` x soft Dice)."""
+    return SegLoss(tc["beta"], tc["gamma"], tc["dice_batch"])
+
+
 def one_hot(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(target, num_classes).permute(0, 3, 1, 2).float()
 

@@ -16,6 +16,16 @@ from .losses import SegLoss, critic_loss, generator_adv_loss, one_hot
 from .selftrain import SelfTraining
 
 
+def generator_optimizer(model: torch.nn.Module, tc: dict) -> torch.optim.Optimizer:
+    """Adam for the generator, from the ``train`` section of a config."""
+    return torch.optim.Adam(model.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]), weight_decay=tc["weight_decay"])
+
+
+def critic_optimizer(critic: torch.nn.Module, tc: dict) -> torch.optim.Optimizer:
+    """Adam for a critic (the WGAN one or the domain one), from the ``train`` section of a config."""
+    return torch.optim.Adam(critic.parameters(), lr=tc["lr_critic"], betas=tuple(tc["betas"]))
+
+
 class Adversary:
     """The critic, its optimiser and objective (`wgan-gp`, `wgan-clip`, `bce`)."""
 
@@ -80,6 +90,11 @@ class DomainAdversary:
         finally:
             for p in self.critic.parameters():
                 p.requires_grad_(True)
+
+
+def adversary_from_config(critic: torch.nn.Module, optimizer: torch.optim.Optimizer, tc: dict) -> "Adversary":
+    """The adversarial strategy of ``train.adversarial`` (``critic`` may be a DDP wrapper of the optimised one)."""
+    return Adversary(critic, optimizer, tc["adversarial"], tc["n_critic"], tc["gp_lambda"], tc["clip"], tc["alpha"])
 
 
 class GeneratorStep:
