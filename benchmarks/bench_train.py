@@ -5,7 +5,7 @@
 One step is what `spineseg train` does per batch of the adversarial row: a no-gradient generator pass for
 the critic's fake maps, one WGAN-GP critic update, then the generator's forward and backward (CE + soft
 Dice + the adversarial term) and an Adam step, on a batch of 8 random 192 x 192 slices (the demo's
-setting). `train.amp` runs bf16 where the processor has native bfloat16 (``spineseg.precision``); the
+setting). `train.cpu_bf16` runs bf16 where the processor has native bfloat16 (``spineseg.precision``); the
 bf16 row is left out elsewhere, where emulated bfloat16 is many times slower than fp32.
 """
 
@@ -39,7 +39,7 @@ def main() -> None:
     image = torch.randn(tc["batch_size"], 1, size, size, generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, NUM_CLASSES, (tc["batch_size"], size, size), generator=torch.Generator().manual_seed(1))
     rows = []
-    for dtype in (None, training_autocast_dtype(cpu)) if native_bf16(cpu) else (None,):
+    for dtype in (None, training_autocast_dtype(cpu, cpu_bf16=True)) if native_bf16(cpu) else (None,):
         torch.manual_seed(0)
         model, critic = model_from_config(cfg), Critic(1 + NUM_CLASSES, **cfg["critic"])
         adversary = adversary_from_config(critic, critic_optimizer(critic, tc), tc)
@@ -59,7 +59,7 @@ def main() -> None:
                        "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                        "native_bf16": native_bf16(cpu)},
            "what": "one adversarial training step of spineseg / cpu-quick (critic update + generator update)",
-           "command": "python benchmarks/bench_train.py --json benchmarks/train.json", "rows": rows}
+           "command": f"python benchmarks/bench_train.py --json {a.json} --repeats {a.repeats}", "rows": rows}
     if len(rows) == 2:
         out["fp32_over_bf16"] = round(rows[0]["seconds_per_step"] / rows[1]["seconds_per_step"], 2)
     Path(a.json).write_text(json.dumps(out, indent=1) + "\n")

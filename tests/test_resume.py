@@ -436,16 +436,17 @@ def _training_dtypes(trainer) -> set:
     return seen
 
 
-@pytest.mark.parametrize("native,amp,expected", [(True, True, torch.bfloat16), (False, True, torch.float32),
-                                                 (True, False, torch.float32)])
-def test_cpu_training_runs_the_generator_in_bf16_only_where_the_processor_has_it(small_phantom, tmp_path, monkeypatch,
-                                                                                  native, amp, expected):
+@pytest.mark.parametrize("native,cpu_bf16,expected", [(True, True, torch.bfloat16), (False, True, torch.float32),
+                                                      (True, None, torch.float32)])
+def test_cpu_training_runs_the_generator_in_bf16_only_when_asked_and_native(small_phantom, tmp_path, monkeypatch,
+                                                                            native, cpu_bf16, expected):
     from spineseg import precision
 
     monkeypatch.setattr(precision, "native_bf16", lambda device: native)
     out = tmp_path / "run"
-    t = Trainer(small_phantom, "spineseg", out, overrides=TINY, sets={"train": {"epochs": 1, "amp": amp}},
-                progress=False, device="cpu", cache=tmp_path / "cache")
+    sets = {"train": {"epochs": 1} | ({} if cpu_bf16 is None else {"cpu_bf16": cpu_bf16})}  # None: the default
+    t = Trainer(small_phantom, "spineseg", out, overrides=TINY, sets=sets, progress=False, device="cpu",
+                cache=tmp_path / "cache")
     seen = _training_dtypes(t)
     t.fit()
     assert seen == {expected}
@@ -453,30 +454,20 @@ def test_cpu_training_runs_the_generator_in_bf16_only_where_the_processor_has_it
 
 
 def test_mixed_precision_on_cuda_stays_fp16_with_a_gradient_scaler():
-    from spineseg.precision import can_autocast, training_autocast_dtype
+    from spineseg.precision import training_autocast_dtype
 
     cuda = torch.device("cuda")  # no GPU needed: the choice, not the arithmetic
-    assert training_autocast_dtype(cuda) is torch.float16 and can_autocast(torch.float16, cuda)
-    assert not can_autocast(torch.float16, torch.device("cpu"))
+    assert training_autocast_dtype(cuda, amp=True, cpu_bf16=True) is torch.float16
+    assert training_autocast_dtype(cuda, amp=False) is None
 
 
-def test_a_resumed_run_keeps_the_precision_it_trained_in_where_the_device_can(small_phantom, tmp_path, monkeypatch,
-                                                                               capsys):
+def test_a_bf16_run_resumed_without_native_bfloat16_goes_on_in_fp32_and_says_so(small_phantom, tmp_path, monkeypatch,
+                                                                                capsys):
     from spineseg import precision
-    from spineseg.models.checkpoint import save_checkpoint
 
     monkeypatch.setattr(precision, "native_bf16", lambda device: True)
-    _train(small_phantom, tmp_path / "old", 1)
-    ck = load_checkpoint(tmp_path / "old" / "last.pt")
-    del ck["precision"]  # saved before precision was recorded: train.amp then meant fp32 on the CPU
-    save_checkpoint(tmp_path / "old" / "last.pt", ck)
-    t = Trainer(None, None, tmp_path / "old", resume=True, sets={"train": {"epochs": 2}}, progress=False,
-                device="cpu", cache=tmp_path / "cache")
-    seen = _training_dtypes(t)
-    t.fit()
-    assert seen == {torch.float32} and load_checkpoint(tmp_path / "old" / "last.pt")["precision"] == "fp32"
-
-    _train(small_phantom, tmp_path / "bf16", 1)  # a bf16 run, resumed where there is no native bfloat16
+    _train(small_phantom, tmp_path / "bf16", 1, train={"cpu_bf16": True})
+    assert load_checkpoint(tmp_path / "bf16" / "last.pt")["precision"] == "bf16"
     monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     t = Trainer(None, None, tmp_path / "bf16", resume=True, sets={"train": {"epochs": 2}}, progress=True,
                 device="cpu", cache=tmp_path / "cache")

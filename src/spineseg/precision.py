@@ -19,13 +19,16 @@ def native_bf16(device: torch.device) -> bool:
         return False
 
 
-def training_autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype `train.amp` runs the generator's forward passes in on ``device``: float16 on CUDA (with a
-    gradient scaler), bfloat16 on a CPU with native bfloat16 arithmetic (no scaler: bfloat16 has float32's
-    range), None (float32) on any other CPU, where emulated bfloat16 is many times slower than float32."""
+def training_autocast_dtype(device: torch.device, amp: bool = True, cpu_bf16: bool = False) -> torch.dtype | None:
+    """The dtype training runs the generator's forward passes in on ``device`` (None: float32).
+
+    CUDA: float16 with a gradient scaler where ``amp`` (``train.amp``). CPU: bfloat16 only where ``cpu_bf16``
+    (``train.cpu_bf16``) and the processor has native bfloat16 arithmetic (no scaler: bfloat16 has float32's
+    range); emulated bfloat16 is many times slower than float32. It is off by default because it cost real-scan
+    passes in the one comparison made (runs E3p and E3pf, ``results/dixon-disc``)."""
     if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and native_bf16(device):
+        return torch.float16 if amp else None
+    if device.type == "cpu" and cpu_bf16 and native_bf16(device):
         return torch.bfloat16
     return None
 
@@ -36,12 +39,3 @@ DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # None: 
 def dtype_name(dtype: torch.dtype | None) -> str:
     """``fp32`` / ``fp16`` / ``bf16``: how logs and checkpoints name a training precision."""
     return next(name for name, d in DTYPES.items() if d == dtype)
-
-
-def can_autocast(dtype: torch.dtype | None, device: torch.device) -> bool:
-    """Whether training on ``device`` can run in ``dtype`` (None: float32, always) at a useful speed."""
-    if dtype is None:
-        return True
-    if dtype == torch.float16:
-        return device.type == "cuda"
-    return native_bf16(device)

@@ -90,7 +90,10 @@ class TrainOptions(_Section):
     ema_decay: float = Field(0.0, ge=0, lt=1)
     num_workers: int = Field(0, ge=0)
     val_every: int = Field(1, ge=1)
-    amp: bool = True
+    amp: bool = True  # CUDA: fp16 autocast of the generator's forward passes with a gradient scaler
+    # CPU: bf16 autocast where the processor has native bfloat16 (faster steps: benchmarks/train.json); off by default:
+    # on the one fine-tune compared (results/dixon-disc, E3p against E3pf) it lost real-scan passes
+    cpu_bf16: bool = False
     threads: int | None = Field(None, ge=1)  # CPU threads; None: all cores
 
 

@@ -40,7 +40,7 @@ from ..models.checkpoint import (float32_weights, load_checkpoint, model_from_co
                                 save_checkpoint)
 from ..models.critic import Critic
 from ..overlap import dice_per_structure
-from ..precision import DTYPES, can_autocast, dtype_name, training_autocast_dtype
+from ..precision import dtype_name, training_autocast_dtype
 from ..preprocess.pipeline import PreprocessCache, PreprocessConfig
 from ..progress import progress as progress_bar
 from .config import EXTENDABLE, config_differences, describe_value, resolve_config, validate_config
@@ -171,11 +171,18 @@ class Trainer:
         size = self.pp.target_size
         image = torch.zeros(2, 1, size, size, device=self.device)  # what the networks see, to wrap them for DDP
         self.opt = generator_optimizer(self.model, tc)
-        # mixed precision: fp16 + a gradient scaler on CUDA, bf16 on a CPU with native bfloat16, else fp32
-        self.amp_dtype = training_autocast_dtype(self.device) if tc["amp"] else None
-        if ck is not None:
-            self.amp_dtype = self._resumed_precision(ck)
+        # mixed precision: fp16 + a gradient scaler on CUDA (train.amp); bf16 on a CPU with native bfloat16 where
+        # train.cpu_bf16 asks for it; else fp32
+        self.amp_dtype = training_autocast_dtype(self.device, tc["amp"], tc["cpu_bf16"])
+        if tc["cpu_bf16"] and self.device.type == "cpu" and self.amp_dtype is None and self.ranks.is_main:
+            print("note: train.cpu_bf16 is set but this CPU has no native bfloat16 (emulated, it is many times slower "
+                  "than fp32): training in fp32", flush=True)
         self.precision = dtype_name(self.amp_dtype)
+        # a run saved before precision was recorded trained as train.amp meant then: fp16 on CUDA, fp32 on the CPU
+        saved = None if ck is None else ck.get("precision", "fp16" if self.amp_dtype == torch.float16 else "fp32")
+        if saved not in (None, self.precision) and self.ranks.is_main:
+            print(f"note: {self.out} trained in {saved}, which this {self.device.type} cannot run at speed; it continues "
+                  f"in {self.precision}, so the resumed run is not bit-exact", flush=True)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.critic = self.opt_d = None
         adversary = None
@@ -295,17 +302,6 @@ class Trainer:
         if rng_ranks is not None:  # every rank's stream, so that a resume on as many processes continues each
             state["rng_ranks"] = rng_ranks
         return state
-
-    def _resumed_precision(self, ck: dict) -> torch.dtype | None:
-        """A resumed run keeps the precision it trained in, where this device can run it. A checkpoint saved before
-        precision was recorded trained as ``train.amp`` meant then: fp16 on CUDA, fp32 on the CPU."""
-        saved = ck.get("precision") or ("fp16" if self.amp_dtype == torch.float16 else "fp32")
-        if can_autocast(DTYPES[saved], self.device):
-            return DTYPES[saved]
-        if self.ranks.is_main:
-            print(f"note: {self.out} trained in {saved}, which this {self.device.type} cannot run at speed; it "
-                  f"continues in {dtype_name(self.amp_dtype)}, so the resumed run is not bit-exact", flush=True)
-        return self.amp_dtype
 
     def _load_state(self, ck: dict) -> None:
         self.model.load_state_dict(ck.get("model_train", ck["model"]))
