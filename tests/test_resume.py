@@ -382,7 +382,7 @@ def test_weight_average_is_what_the_checkpoint_serves_and_it_follows_the_ema_rec
     class Step:
         adversary = None
 
-        def __call__(self, *args):
+        def __call__(self, *args, **kwargs):
             steps.append(len(steps) + 1)
             with torch.no_grad():
                 for p in t.model.parameters():
@@ -482,3 +482,28 @@ def test_batch_dice_reaches_the_training_loss(small_phantom, tmp_path):
     assert t.step.seg_loss.dice.batch is True
     t = Trainer(small_phantom, "spineseg", tmp_path / "run2", overrides=TINY, progress=False, cache=tmp_path / "cache")
     assert t.step.seg_loss.dice.batch is False  # the default keeps older runs' per-image Dice
+
+
+def test_critic_warmup_trains_the_critics_alone_for_its_steps_then_the_generator(small_phantom, tmp_path):
+    unlabeled = [small_phantom / "imagesTr"]  # stands in for unlabelled real slices
+    tiny = TINY | {"train": TINY["train"] | {"adv_start_epoch": 0}}
+
+    def run(out, warmup):
+        t = Trainer(small_phantom, "spineseg", out, overrides=tiny, progress=False, cache=tmp_path / "cache",
+                    unlabeled=unlabeled, sets={"train": {"epochs": 2, "critic_warmup_steps": warmup}})
+        assert -(-len(t.data.train) // 4) == steps_per_epoch  # batches of 4 an epoch
+        before = {part: {k: v.clone() for k, v in getattr(t, part).state_dict().items()}
+                  for part in ("model", "critic", "domain_critic")}
+        t.fit()
+        ck = load_checkpoint(out / "last.pt")
+        moved = {part: max(float((ck[part][k].float() - v.float()).abs().max()) for k, v in before[part].items())
+                 for part in before}
+        with open(out / "log.csv", newline="") as fh:
+            return moved, list(csv.DictReader(fh))
+
+    steps_per_epoch = 3
+    moved, rows = run(tmp_path / "all", 2 * steps_per_epoch)  # both epochs warm up
+    assert moved["model"] == 0.0 and moved["critic"] > 0 and moved["domain_critic"] > 0
+    assert all(r["loss_d"] and r["loss_domain_d"] and not r["loss_g"] for r in rows)
+    moved, rows = run(tmp_path / "one", steps_per_epoch)  # the first epoch warms up, the second trains all
+    assert moved["model"] > 0 and not rows[0]["loss_g"] and rows[1]["loss_g"]

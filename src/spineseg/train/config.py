@@ -74,6 +74,11 @@ class TrainOptions(_Section):
     domain_objective: Literal["bce", "wgan-gp"] = "bce"
     domain_batch_size: int = Field(4, ge=1)
     domain_start_epoch: int = Field(0, ge=0)  # also when self-training starts
+    # the run's first N optimisation steps update the critics only (the WGAN critic where adversarial, the domain
+    # critic where there are unlabelled images), on the generator's present output; the generator waits. For a
+    # fine-tune (--init) from a file without critics, such as a packed model, whose fresh critics would otherwise
+    # push the generator at random
+    critic_warmup_steps: int = Field(0, ge=0)
     # self-training on the same unlabelled slices (`train.selftrain`): anatomically accepted pseudo-labels
     pseudo_weight: float = Field(0.0, ge=0)  # 0: off
     pseudo_confidence: float = Field(0.9, ge=0, le=1)  # pixels at least this confident are targets

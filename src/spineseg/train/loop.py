@@ -393,23 +393,27 @@ class Trainer:
         drawn: list[tuple[str, int]] = []
         bar = progress_bar(loader, desc=f"epoch {self.epoch + 1}/{tc['epochs']}", leave=False,
                            disable=not self.progress, log_lines=False)
-        n = 0
-        for batch in bar:
+        counts: dict[str, int] = {}  # steps that logged each loss (critic warm-up steps log the critics' only)
+        for i, batch in enumerate(bar):
             real = next(unlabeled) if unlabeled is not None else None
+            # the run's first critic_warmup_steps steps train the critics alone (e.g. fresh critics after --init)
+            warmup = self.epoch * len(loader) + i < tc["critic_warmup_steps"]
             logs = self.step(batch["image"].to(self.device), batch["label"].to(self.device), adversarial,
                              None if real is None else real["image"].to(self.device),
                              None if real is None else real["spacing"], None if real is None else real["no_body"],
-                             None if real is None or "weak" not in real else real["weak"].to(self.device))
-            if self.ema is not None:
+                             None if real is None or "weak" not in real else real["weak"].to(self.device),
+                             critics_only=warmup)
+            if self.ema is not None and not warmup:
                 self.ema.update_parameters(self.model)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
-            n += 1
+                counts[k] = counts.get(k, 0) + 1
             drawn.extend(zip(batch["case"], batch["index"].tolist()))
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
-        per_rank = ranks.gather((sums, n))
-        steps = sum(count for _, count in per_rank)
-        return {k: sum(rank_sums[k] for rank_sums, _ in per_rank) / max(steps, 1) for k in sums} | {"lr": lr}, drawn
+        per_rank = ranks.gather((sums, counts))
+        keys = dict.fromkeys(k for rank_sums, _ in per_rank for k in rank_sums)  # in the order they were logged
+        return {k: sum(s.get(k, 0.0) for s, _ in per_rank) / sum(c.get(k, 0) for _, c in per_rank)
+                for k in keys} | {"lr": lr}, drawn
 
     def _unlabeled_batches(self, seed: int, shard):
         """Endless augmented batches of this rank's unlabelled slices, reshuffled on every pass."""

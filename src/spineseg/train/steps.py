@@ -115,16 +115,25 @@ class GeneratorStep:
 
     def __call__(self, image: torch.Tensor, labels: torch.Tensor, adversarial: bool,
                  unlabeled: torch.Tensor | None = None, unlabeled_spacing: torch.Tensor | None = None,
-                 unlabeled_no_body: torch.Tensor | None = None, unlabeled_weak: torch.Tensor | None = None) -> dict:
+                 unlabeled_no_body: torch.Tensor | None = None, unlabeled_weak: torch.Tensor | None = None,
+                 critics_only: bool = False) -> dict:
         """One update. ``unlabeled``: a batch of real slices (pixel spacing ``unlabeled_spacing``, (B, 2) mm) for
         domain adaptation and / or self-training (None: neither term); ``unlabeled_no_body`` (B,): those known to
         hold no vertebral body; ``unlabeled_weak``: the same slices without intensity augmentation, that
-        self-training reads its targets from (None: from ``unlabeled`` itself)."""
+        self-training reads its targets from (None: from ``unlabeled`` itself). ``critics_only``: update the
+        critics on the generator's present output and leave the generator as it is (``train.critic_warmup_steps``)."""
         logs = {}
         if adversarial:
             with torch.no_grad(), self._autocast():
                 fake = torch.softmax(self.model(image).float(), 1)
             logs["loss_d"] = self.adversary.update_critic(image, one_hot(labels, NUM_CLASSES), fake)
+        if critics_only:
+            if unlabeled is not None and self.domain is not None:
+                with torch.no_grad(), self._autocast():
+                    source = torch.softmax(self.model(image).float(), 1)
+                    target = torch.softmax(self.model(unlabeled).float(), 1)
+                logs["loss_domain_d"] = self.domain.update_critic(source, target)
+            return logs
         with self._autocast():
             logits = self.model(image)
         loss = self.seg_loss(logits, labels)
