@@ -216,8 +216,9 @@ def test_a_run_passes_the_change_weight_to_self_training_and_refuses_it_without(
     tiny = {"preprocess": {"target_size": 64}, "model": {"base": 4}, "train": {"batch_size": 4, "max_minutes": None}}
     kw = dict(overrides=tiny, progress=False, cache=tmp_path / "cache", unlabeled=[small_phantom / "imagesTr"])
     t = Trainer(small_phantom, "unet", tmp_path / "on", **kw,
-                sets={"train": {"epochs": 1, "pseudo_weight": 1.0, "pseudo_change_weight": 0.25}})
-    assert t.step.self_training.change_weight == 0.25
+                sets={"train": {"epochs": 1, "pseudo_weight": 1.0, "pseudo_change_weight": 0.25,
+                                "pseudo_change_structures": ["vertebral_body"]}})
+    assert t.step.self_training.change_weight == 0.25 and t.step.self_training.change_labels.tolist() == [1]
     with pytest.raises(SpinesegError, match="pseudo_change_weight is set but self-training is off"):
         Trainer(small_phantom, "unet", tmp_path / "off", **kw, sets={"train": {"pseudo_change_weight": 0.25}})
 
@@ -235,3 +236,28 @@ def test_the_change_term_leaves_out_slices_known_to_hold_no_body(truth):
         return logits.grad
 
     assert torch.allclose(grad(0.0), grad(0.5))
+
+
+def test_the_change_term_counts_only_the_corrections_of_the_structures_it_is_given(truth):
+    """train.pseudo_change_structures: with the body alone, a removed body speck gets the term and a removed lamina
+    piece does not (it keeps the plain term's gradient); with every structure, both do."""
+    lab = truth.copy()
+    rs, cs = _speck(lab)
+    lab[rs, cs] = 1  # a body speck behind the laminae: removed by post-processing
+    lamina_speck = (slice(rs.start, rs.stop), slice(cs.start + 12, cs.stop + 12))
+    assert (lab[lamina_speck] == 0).all()
+    lab[lamina_speck] = 3  # a third, isolated lamina piece: removed too
+    spacing = torch.tensor([[SPACING, SPACING]])
+
+    def grad(change_weight, structures=("vertebral_body", "vertebral_foramen", "lamina")):
+        logits = torch.log(_probs(lab[None])).float().requires_grad_(True)
+        loss, _ = SelfTraining(1.0, 0.9, change_weight=change_weight, change_structures=structures).loss(logits, spacing)
+        loss.backward()
+        return logits.grad[0]
+
+    body, lamina = torch.zeros(lab.shape, dtype=torch.bool), torch.zeros(lab.shape, dtype=torch.bool)
+    body[rs, cs], lamina[lamina_speck] = True, True
+    plain, every, body_only = grad(0.0), grad(0.5), grad(0.5, ("vertebral_body",))
+    assert not torch.allclose(every[:, lamina], plain[:, lamina])  # all structures: the lamina piece is counted
+    assert torch.allclose(body_only[:, lamina], plain[:, lamina])  # body only: it is not
+    assert not torch.allclose(body_only[:, body], plain[:, body])  # ... while the body speck is

@@ -89,6 +89,9 @@ class TrainOptions(_Section):
     # a term of its own for the pixels the post-processing changed (specks removed, holes filled): weight x the mean CE
     # over them alone, on top of the plain mean over all targets; 0: off
     pseudo_change_weight: float = Field(0.0, ge=0)
+    # which corrections that term counts: a changed pixel whose raw or corrected label is one of these structures
+    pseudo_change_structures: list[Literal["vertebral_body", "vertebral_foramen", "lamina"]] = Field(
+        ["vertebral_body", "vertebral_foramen", "lamina"], min_length=1)
     # exponential moving average of the network's weights, updated after every generator step; 0: off. With it,
     # validation, best.pt / last.pt "model" (what predict, pack and --init read) are the average; "model_train"
     # holds the trained weights for --resume

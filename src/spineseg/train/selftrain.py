@@ -15,7 +15,9 @@ On every unlabelled batch the generator's own prediction becomes a target where 
   a second body piece, a filled hole): those corrections are what the raw prediction must learn.
 - with ``train.pseudo_change_weight`` > 0, the changed pixels also get a term of their own, the mean
   cross-entropy over them alone (not on ``--unlabeled-no-body`` slices, whose every body pixel "changes": counted,
-  they taught the network to drop whole vertebral bodies, run C in ``results/dixon-disc``). In the plain mean they are a few dozen pixels among some 10^5 confident ones.
+  they taught the network to drop whole vertebral bodies, run C in ``results/dixon-disc``); with
+  ``train.pseudo_change_structures`` only the corrections of those structures (a pixel whose raw or corrected label
+  is one). In the plain mean they are a few dozen pixels among some 10^5 confident ones.
   On 12 unlabelled batches of the shipped model's training, the median gradient norm of the plain term was 0.012,
   of the domain term (x 0.01) 0.16, and of the mean over the changed pixels alone 213.
 
@@ -44,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import STRUCTURES
 from ..anatomy.order import check_slice, display_plane
 from ..anatomy.postprocess import BODY, anatomical_postprocess
 
@@ -86,9 +89,12 @@ class SelfTraining:
     """The pseudo-label term: ``weight`` x (CE on the accepted pixels + ``change_weight`` x CE on the pixels the
     post-processing changed, by themselves); 0 when a batch has none."""
 
-    def __init__(self, weight: float, confidence: float, max_change: float = 1.0, change_weight: float = 0.0):
+    def __init__(self, weight: float, confidence: float, max_change: float = 1.0, change_weight: float = 0.0,
+                 change_structures: tuple[str, ...] | list[str] = STRUCTURES):
         self.weight, self.confidence, self.max_change = weight, confidence, max_change
         self.change_weight = change_weight
+        # label values whose corrections the change term counts (a pixel counts when its raw or corrected label is one)
+        self.change_labels = torch.tensor([STRUCTURES.index(s) + 1 for s in change_structures])
 
     def loss(self, logits: torch.Tensor, spacing: torch.Tensor,
              no_body: torch.Tensor | None = None, target_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
@@ -102,7 +108,9 @@ class SelfTraining:
             return logits.float().sum() * 0.0, accepted / logits.shape[0]
         loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
         if self.change_weight:
-            changed = (targets != IGNORE) & (targets != source.detach().argmax(1))
+            raw = source.detach().argmax(1)
+            labels = self.change_labels.to(raw.device)
+            changed = (targets != IGNORE) & (targets != raw) & (torch.isin(raw, labels) | torch.isin(targets, labels))
             if no_body is not None:  # the weak label's removals are not post-processing corrections (run C)
                 changed[torch.as_tensor(no_body, dtype=torch.bool, device=changed.device).reshape(-1)] = False
             if changed.any():
