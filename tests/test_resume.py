@@ -484,12 +484,12 @@ def test_batch_dice_reaches_the_training_loss(small_phantom, tmp_path):
     assert t.step.seg_loss.dice.batch is False  # the default keeps older runs' per-image Dice
 
 
-def test_critic_warmup_trains_the_critics_alone_for_its_steps_then_the_generator(small_phantom, tmp_path):
+def test_critic_warmup_trains_the_critics_alone_for_its_steps_then_the_generator(small_phantom, tmp_path, capsys):
     unlabeled = [small_phantom / "imagesTr"]  # stands in for unlabelled real slices
     tiny = TINY | {"train": TINY["train"] | {"adv_start_epoch": 0}}
 
     def run(out, warmup):
-        t = Trainer(small_phantom, "spineseg", out, overrides=tiny, progress=False, cache=tmp_path / "cache",
+        t = Trainer(small_phantom, "spineseg", out, overrides=tiny, progress=True, cache=tmp_path / "cache",
                     unlabeled=unlabeled, sets={"train": {"epochs": 2, "critic_warmup_steps": warmup}})
         assert -(-len(t.data.train) // 4) == steps_per_epoch  # batches of 4 an epoch
         before = {part: {k: v.clone() for k, v in getattr(t, part).state_dict().items()}
@@ -505,5 +505,6 @@ def test_critic_warmup_trains_the_critics_alone_for_its_steps_then_the_generator
     moved, rows = run(tmp_path / "all", 2 * steps_per_epoch)  # both epochs warm up
     assert moved["model"] == 0.0 and moved["critic"] > 0 and moved["domain_critic"] > 0
     assert all(r["loss_d"] and r["loss_domain_d"] and not r["loss_g"] for r in rows)
+    assert "epoch 1: loss - (critic warm-up)" in capsys.readouterr().out
     moved, rows = run(tmp_path / "one", steps_per_epoch)  # the first epoch warms up, the second trains all
     assert moved["model"] > 0 and not rows[0]["loss_g"] and rows[1]["loss_g"]

@@ -520,8 +520,8 @@ class Trainer:
                 if self.progress:
                     scores = (" / ".join(f"{v:.3f}" for v in val) if validated
                               else f"- (every {tc['val_every']} epochs)")
-                    print(f"epoch {self.epoch}: loss {row.get('loss_g', math.nan):.4f}  val Dice {scores}"
-                          f"  ({self.elapsed:.0f} s)", flush=True)
+                    loss = f"{row['loss_g']:.4f}" if "loss_g" in row else "- (critic warm-up)"
+                    print(f"epoch {self.epoch}: loss {loss}  val Dice {scores}  ({self.elapsed:.0f} s)", flush=True)
         finally:
             if log is not None:
                 log.close()
