@@ -1,7 +1,7 @@
 """Reduced precision: what a device computes natively, and what training's mixed precision uses there.
 
-Training (`train.amp`) and inference (`--precision bf16`) both ask here, so that they agree on which
-processors have native bfloat16 arithmetic.
+Training (`train.amp`, `train.cpu_bf16`) and inference (`--precision bf16`) both ask here, so that they
+agree on which processors have native bfloat16 arithmetic.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """One optimisation step per batch: the generator's supervised loss, plus an adversarial strategy when on.
 
 The adversarial part is a strategy object (`Adversary`), not a subclass: it updates the critic and
-adds the generator's adversarial term. Mixed precision (fp16 on CUDA, bf16 on a CPU with native
-bfloat16) covers the generator's forward passes; the critic and every loss run in float32.
+adds the generator's adversarial term. Mixed precision (fp16 on CUDA with `train.amp`, bf16 on a CPU
+with native bfloat16 with `train.cpu_bf16`) covers the generator's forward passes; the critic and every
+loss run in float32.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class DomainAdversary:
                 p.requires_grad_(True)
 
 
-def adversary_from_config(critic: torch.nn.Module, optimizer: torch.optim.Optimizer, tc: dict) -> "Adversary":
+def adversary_from_config(critic: torch.nn.Module, optimizer: torch.optim.Optimizer, tc: dict) -> Adversary:
     """The adversarial strategy of ``train.adversarial`` (``critic`` may be a DDP wrapper of the optimised one)."""
     return Adversary(critic, optimizer, tc["adversarial"], tc["n_critic"], tc["gp_lambda"], tc["clip"], tc["alpha"])
 
@@ -129,8 +130,8 @@ class GeneratorStep:
             logs["loss_d"] = self.adversary.update_critic(image, one_hot(labels, NUM_CLASSES), fake)
         if critics_only:
             if unlabeled is not None and self.domain is not None:
-                with torch.no_grad(), self._autocast():
-                    source = torch.softmax(self.model(image).float(), 1)
+                with torch.no_grad(), self._autocast():  # the phantom maps of the WGAN update serve again
+                    source = fake if adversarial else torch.softmax(self.model(image).float(), 1)
                     target = torch.softmax(self.model(unlabeled).float(), 1)
                 logs["loss_domain_d"] = self.domain.update_critic(source, target)
             return logs
