@@ -15,6 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .. import STRUCTURES
 from ..data.augment import AugmentConfig
 from ..errors import SpinesegError
 from ..preprocess.pipeline import PreprocessConfig
@@ -91,7 +92,7 @@ class TrainOptions(_Section):
     pseudo_change_weight: float = Field(0.0, ge=0)
     # which corrections that term counts: a changed pixel whose raw or corrected label is one of these structures
     pseudo_change_structures: list[Literal["vertebral_body", "vertebral_foramen", "lamina"]] = Field(
-        ["vertebral_body", "vertebral_foramen", "lamina"], min_length=1)
+        default_factory=lambda: list(STRUCTURES), min_length=1)
     # exponential moving average of the network's weights, updated after every generator step; 0: off. With it,
     # validation, best.pt / last.pt "model" (what predict, pack and --init read) are the average; "model_train"
     # holds the trained weights for --resume

@@ -178,8 +178,9 @@ class Trainer:
             print("note: train.cpu_bf16 is set but this CPU has no native bfloat16 (emulated, it is many times slower "
                   "than fp32): training in fp32", flush=True)
         self.precision = dtype_name(self.amp_dtype)
-        # a run saved before precision was recorded trained as train.amp meant then: fp16 on CUDA, fp32 on the CPU
-        saved = None if ck is None else ck.get("precision", "fp16" if self.amp_dtype == torch.float16 else "fp32")
+        # a run saved before precision was recorded trained as train.amp meant then (fp16 on CUDA, fp32 on the CPU),
+        # which is what today's defaults give it
+        saved = None if ck is None else ck.get("precision", self.precision)
         if saved not in (None, self.precision) and self.ranks.is_main:
             print(f"note: {self.out} trained in {saved}, which this {self.device.type} cannot run at speed; it continues "
                   f"in {self.precision}, so the resumed run is not bit-exact", flush=True)
