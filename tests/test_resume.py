@@ -344,6 +344,31 @@ def test_init_starts_a_new_run_from_a_checkpoints_weights(small_phantom, tmp_pat
     assert src.cfg["run"].get("init") is None
 
 
+def test_a_file_packed_with_its_critics_fine_tunes_from_them(small_phantom, tmp_path):
+    # pack --with-critics keeps the critics (float16) so that --init of the small file starts from trained critics;
+    # a plain pack has none, and a file without critics cannot be asked for them
+    from spineseg.cli import main
+
+    _train(small_phantom, tmp_path / "src", 2)
+    ck = load_checkpoint(tmp_path / "src" / "last.pt")
+    assert main(["pack", "--model", str(tmp_path / "src" / "last.pt"), "--out", str(tmp_path / "c.pt"),
+                 "--with-critics"]) == 0
+    assert main(["pack", "--model", str(tmp_path / "src" / "last.pt"), "--out", str(tmp_path / "p.pt")]) == 0
+    packed = load_checkpoint(tmp_path / "c.pt")
+    assert "critic" in packed and "critic" not in load_checkpoint(tmp_path / "p.pt")
+    assert all(v.dtype == torch.float16 for v in packed["critic"].values() if v.is_floating_point())
+    tuned = Trainer(small_phantom, "spineseg", tmp_path / "tuned", overrides=TINY, progress=False,
+                    cache=tmp_path / "cache", seed=5, init=tmp_path / "c.pt")
+    assert tuned.cfg["run"]["init"]["loaded"] == ["network", "critic"]
+    state = tuned.critic.state_dict()
+    assert all(torch.equal(state[k], ck["critic"][k].half().float()) for k in state if state[k].is_floating_point())
+    plain = Trainer(small_phantom, "spineseg", tmp_path / "plain", overrides=TINY, progress=False,
+                    cache=tmp_path / "cache", seed=5, init=tmp_path / "p.pt")
+    assert plain.cfg["run"]["init"]["loaded"] == ["network"]
+    assert main(["pack", "--model", str(tmp_path / "p.pt"), "--out", str(tmp_path / "pp.pt"), "--with-critics"]) != 0
+    assert not (tmp_path / "pp.pt").exists()
+
+
 def test_init_refuses_another_network_and_resume(small_phantom, tmp_path):
     _train(small_phantom, tmp_path / "src", 1)
     with pytest.raises(SpinesegError, match=r"model\.base is 4 in the checkpoint but 8"):

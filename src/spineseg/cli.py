@@ -246,7 +246,7 @@ def cmd_sanity(a) -> int:
 def cmd_pack(a) -> int:
     from .models.checkpoint import pack_checkpoint
 
-    dst = pack_checkpoint(a.model, a.out, half=not a.float32)
+    dst = pack_checkpoint(a.model, a.out, half=not a.float32, critics=a.with_critics)
     print(f"wrote {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -480,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="checkpoint to pack (RUN/best.pt)")
     s.add_argument("--out", required=True, help="file to write")
     s.add_argument("--float32", action="store_true", help="keep float32 weights (default: float16, half the size)")
+    s.add_argument("--with-critics", action="store_true",
+                   help="keep the critics' weights too, for fine-tuning the packed file with train --init")
     s.set_defaults(func=cmd_pack)
 
     s = sub.add_parser("bench", help="benchmarks")

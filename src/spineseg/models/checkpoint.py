@@ -96,9 +96,24 @@ def inference_checkpoint(ck: dict, weights: dict | None = None) -> dict:
             "epoch": ck.get("epoch"), "best": ck.get("best")}
 
 
-def pack_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> Path:
-    """A small inference-only copy: weights (optionally float16), config, preprocessing, version."""
+PACKABLE_CRITICS = ("critic", "domain_critic")
+
+
+def pack_checkpoint(src: str | Path, dst: str | Path, half: bool = True, critics: bool = False) -> Path:
+    """A small inference-only copy: weights (optionally float16), config, preprocessing, version. With ``critics``
+    also the critics' weights (same precision), so that a fine-tune (``train --init``) of the packed file starts
+    from trained critics rather than fresh ones, which cost the laminae on real scans (README, runs E3pf / E3)."""
     ck = load_checkpoint(src)
-    weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ck["model"].items()}
-    save_checkpoint(Path(dst), inference_checkpoint(ck, weights))
+
+    def cast(state: dict) -> dict:
+        return {k: (v.half() if half and v.is_floating_point() else v) for k, v in state.items()}
+
+    packed = inference_checkpoint(ck, cast(ck["model"]))
+    if critics:
+        found = {name: cast(ck[name]) for name in PACKABLE_CRITICS if ck.get(name) is not None}
+        if not found:
+            raise SpinesegError("--with-critics: the checkpoint has no critic (a packed model or a run without an "
+                                "adversary); pack a run's last.pt or best.pt", src)
+        packed.update(found)
+    save_checkpoint(Path(dst), packed)
     return Path(dst)
