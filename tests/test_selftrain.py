@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from spineseg import NUM_CLASSES
 from spineseg.data.phantom import phantom_slice
-from spineseg.train.selftrain import IGNORE, SelfTraining, pseudo_labels
+from spineseg.train.selftrain import IGNORE, SelfTraining, in_small_regions, pseudo_labels
 
 SPACING = 0.78125
 
@@ -217,8 +217,9 @@ def test_a_run_passes_the_change_weight_to_self_training_and_refuses_it_without(
     kw = dict(overrides=tiny, progress=False, cache=tmp_path / "cache", unlabeled=[small_phantom / "imagesTr"])
     t = Trainer(small_phantom, "unet", tmp_path / "on", **kw,
                 sets={"train": {"epochs": 1, "pseudo_weight": 1.0, "pseudo_change_weight": 0.25,
-                                "pseudo_change_structures": ["vertebral_body"]}})
+                                "pseudo_change_structures": ["vertebral_body"], "pseudo_change_max_area_mm2": 20.0}})
     assert t.step.self_training.change_weight == 0.25 and t.step.self_training.change_labels.tolist() == [1]
+    assert t.step.self_training.change_max_area_mm2 == 20.0
     with pytest.raises(SpinesegError, match="pseudo_change_weight is set but self-training is off"):
         Trainer(small_phantom, "unet", tmp_path / "off", **kw, sets={"train": {"pseudo_change_weight": 0.25}})
 
@@ -261,3 +262,35 @@ def test_the_change_term_counts_only_the_corrections_of_the_structures_it_is_giv
     assert not torch.allclose(every[:, lamina], plain[:, lamina])  # all structures: the lamina piece is counted
     assert torch.allclose(body_only[:, lamina], plain[:, lamina])  # body only: it is not
     assert not torch.allclose(body_only[:, body], plain[:, body])  # ... while the body speck is
+
+
+def test_the_change_term_with_an_area_limit_counts_a_speck_and_not_a_removed_piece(truth):
+    """train.pseudo_change_max_area_mm2: a removed 3 x 3 body speck (5.5 mm²) is under a 20 mm² limit and gets the
+    term; a removed 7 x 7 lamina piece (30 mm²) is over it and keeps the plain term's gradient; without the limit
+    both get it."""
+    lab = truth.copy()
+    rs, cs = _speck(lab)
+    lab[rs, cs] = 1
+    piece = (slice(rs.start - 2, rs.stop + 2), slice(cs.start + 10, cs.stop + 14))
+    assert (lab[piece] == 0).all() and lab[piece].size == 49
+    lab[piece] = 3  # a third, isolated lamina piece: removed by post-processing
+    spacing = torch.tensor([[SPACING, SPACING]])
+
+    def grad(change_weight, max_area=None):
+        logits = torch.log(_probs(lab[None])).float().requires_grad_(True)
+        loss, _ = SelfTraining(1.0, 0.9, change_weight=change_weight, change_max_area_mm2=max_area).loss(logits,
+                                                                                                          spacing)
+        loss.backward()
+        return logits.grad[0]
+
+    body, lamina = torch.zeros(lab.shape, dtype=torch.bool), torch.zeros(lab.shape, dtype=torch.bool)
+    body[rs, cs], lamina[piece] = True, True
+    plain, any_size, limited = grad(0.0), grad(0.5), grad(0.5, 20.0)
+    assert not torch.allclose(any_size[:, lamina], plain[:, lamina])
+    assert torch.allclose(limited[:, lamina], plain[:, lamina])  # the piece is over the limit
+    assert not torch.allclose(limited[:, body], plain[:, body])  # the speck is under it
+    assert not torch.allclose(limited[:, body], any_size[:, body])  # ... and the term's mean is over the speck alone
+    # the limit is in mm²: at twice the pixel size the speck's 9 pixels are 22 mm², over it
+    coarse = torch.tensor([[2 * SPACING, 2 * SPACING]])
+    assert not in_small_regions(torch.from_numpy(lab[None]), coarse, 20.0)[0][body].any()
+    assert in_small_regions(torch.from_numpy(lab[None]), spacing, 20.0)[0][body].all()

@@ -93,6 +93,9 @@ class TrainOptions(_Section):
     # which corrections that term counts: a changed pixel whose raw or corrected label is one of these structures
     pseudo_change_structures: list[Literal["vertebral_body", "vertebral_foramen", "lamina"]] = Field(
         default_factory=lambda: list(STRUCTURES), min_length=1)
+    # and only the corrections of raw regions up to this area (mm²): a speck removed or a small hole filled counts, a
+    # removed piece of lamina or body does not; None: any size
+    pseudo_change_max_area_mm2: float | None = Field(None, gt=0)
     # exponential moving average of the network's weights, updated after every generator step; 0: off. With it,
     # validation, best.pt / last.pt "model" (what predict, pack and --init read) are the average; "model_train"
     # holds the trained weights for --resume
