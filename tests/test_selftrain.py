@@ -217,9 +217,10 @@ def test_a_run_passes_the_change_weight_to_self_training_and_refuses_it_without(
     kw = dict(overrides=tiny, progress=False, cache=tmp_path / "cache", unlabeled=[small_phantom / "imagesTr"])
     t = Trainer(small_phantom, "unet", tmp_path / "on", **kw,
                 sets={"train": {"epochs": 1, "pseudo_weight": 1.0, "pseudo_change_weight": 0.25,
-                                "pseudo_change_structures": ["vertebral_body"], "pseudo_change_max_area_mm2": 20.0}})
+                                "pseudo_change_structures": ["vertebral_body"], "pseudo_change_max_area_mm2": 20.0,
+                                "pseudo_require_body": True}})
     assert t.step.self_training.change_weight == 0.25 and t.step.self_training.change_labels.tolist() == [1]
-    assert t.step.self_training.change_max_area_mm2 == 20.0
+    assert t.step.self_training.change_max_area_mm2 == 20.0 and t.step.self_training.require_body
     with pytest.raises(SpinesegError, match="pseudo_change_weight is set but self-training is off"):
         Trainer(small_phantom, "unet", tmp_path / "off", **kw, sets={"train": {"pseudo_change_weight": 0.25}})
 
@@ -294,3 +295,21 @@ def test_the_change_term_with_an_area_limit_counts_a_speck_and_not_a_removed_pie
     coarse = torch.tensor([[2 * SPACING, 2 * SPACING]])
     assert not in_small_regions(torch.from_numpy(lab[None]), coarse, 20.0)[0][body].any()
     assert in_small_regions(torch.from_numpy(lab[None]), spacing, 20.0)[0][body].all()
+
+
+def test_with_require_body_a_slice_without_a_body_teaches_nothing_unless_listed_as_disc_level(truth):
+    """train.pseudo_require_body: a slice whose map has canal and laminae but no body passes the order rule (disc
+    level), so by default it is a target, one that would teach a dropped vertebral body to stay dropped. With the
+    option it gives none, unless --unlabeled-no-body lists it; a slice with a body is a target either way."""
+    no_body = truth.copy()
+    no_body[no_body == 1] = 0
+    probs = torch.cat([_probs(no_body[None]), _probs(no_body[None]), _probs(truth[None])])
+    spacing = torch.tensor([[SPACING, SPACING]] * 3)
+    listed = torch.tensor([False, True, False])
+    targets, accepted = pseudo_labels(probs, spacing, 0.9, no_body=listed)
+    assert accepted == 3
+    targets, accepted = pseudo_labels(probs, spacing, 0.9, no_body=listed, require_body=True)
+    assert accepted == 2 and (targets[0] == IGNORE).all()
+    assert np.array_equal(targets[1].numpy(), no_body) and np.array_equal(targets[2].numpy(), truth)
+    st = SelfTraining(1.0, 0.9, require_body=True)
+    assert st.loss(torch.log(probs[:1]).float(), spacing[:1])[1] == 0.0

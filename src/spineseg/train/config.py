@@ -84,6 +84,9 @@ class TrainOptions(_Section):
     pseudo_weight: float = Field(0.0, ge=0)  # 0: off
     pseudo_confidence: float = Field(0.9, ge=0, le=1)  # pixels at least this confident are targets
     pseudo_max_change: float = Field(1.0, ge=0)  # a slice whose post-processing changed more of its raw foreground is not used
+    # a slice whose accepted pseudo-label has no body is not used unless --unlabeled-no-body lists it (a vertebral slice
+    # whose body was dropped would otherwise teach dropping it)
+    pseudo_require_body: bool = False
     # targets read from a geometry-only view of each unlabelled slice, learnt on its intensity-augmented view
     # (FixMatch-style consistency); false: both from the one augmented view
     pseudo_weak_view: bool = False

@@ -202,7 +202,7 @@ class Trainer:
                                      tc["domain_objective"], tc["domain_weight"], tc["gp_lambda"])
         self_training = SelfTraining(tc["pseudo_weight"], tc["pseudo_confidence"], tc["pseudo_max_change"],
                                      tc["pseudo_change_weight"], tc["pseudo_change_structures"],
-                                     tc["pseudo_change_max_area_mm2"]) \
+                                     tc["pseudo_change_max_area_mm2"], tc["pseudo_require_body"]) \
             if self.unlabeled and tc["pseudo_weight"] else None
         self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, seg_loss_from_config(tc), self.scaler,
                                   self.device, self.amp_dtype, adversary, domain, self_training)

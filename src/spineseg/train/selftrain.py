@@ -36,6 +36,10 @@ prediction by construction and teach almost nothing; only the few corrected pixe
 pixel asks the network to give the same answer when a real slice's contrast, noise and bias change, which is
 what differs between one real scanner's images and another's.
 
+With ``train.pseudo_require_body`` a slice without a body in its accepted map gives no target unless it is known to
+lie at disc level: otherwise a vertebral slice whose body the network dropped passes the order rule as a disc-level
+slice, and its target teaches the network to drop that body again (runs C, C3 and C4 lost bodies on whole images).
+
 Slices known to lie at disc level (``train --unlabeled-no-body``: a slice list, e.g. from the fat fraction
 of a Dixon pair, where the disc has none and vertebral marrow a quarter or more) get that knowledge as a
 weak label: their target has no vertebral body, and every pixel the network calls body is a background
@@ -57,10 +61,13 @@ IGNORE = -100
 
 
 def pseudo_labels(probs: torch.Tensor, spacing: torch.Tensor, confidence: float,
-                  max_change: float = 1.0, no_body: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                  max_change: float = 1.0, no_body: torch.Tensor | None = None,
+                  require_body: bool = False) -> tuple[torch.Tensor, int]:
     """Targets ``(B, H, W)`` (``IGNORE`` where there is none) from softmax ``probs`` ``(B, C, H, W)`` of slices with
     pixel ``spacing`` ``(B, 2)`` mm, and the number of accepted slices. ``no_body`` ``(B,)``: slices known to hold
-    no vertebral body (disc level)."""
+    no vertebral body (disc level). ``require_body``: a slice not known to be at disc level whose accepted map has no
+    body gives no target (the order rule accepts it as disc level, but it may be a vertebra whose body the network
+    dropped, and its own target would teach it to drop it again)."""
     conf, raw = probs.detach().float().max(1)
     conf, raw = conf.cpu().numpy(), raw.cpu().numpy().astype(np.uint8)
     flagged = np.zeros(raw.shape[0], bool) if no_body is None else np.asarray(no_body, bool).reshape(-1)
@@ -75,6 +82,8 @@ def pseudo_labels(probs: torch.Tensor, spacing: torch.Tensor, confidence: float,
             post[post == BODY] = 0
         check = check_slice(post, display_plane(sp))
         if not (check["order"] and check["both_laminae"]):
+            continue
+        if require_body and not flagged[b] and not (post == BODY).any():
             continue
         changed = post != raw[b]
         keep = (conf[b] >= confidence) | changed
@@ -108,8 +117,10 @@ class SelfTraining:
     post-processing changed, by themselves); 0 when a batch has none."""
 
     def __init__(self, weight: float, confidence: float, max_change: float = 1.0, change_weight: float = 0.0,
-                 change_structures: tuple[str, ...] | list[str] = STRUCTURES, change_max_area_mm2: float | None = None):
+                 change_structures: tuple[str, ...] | list[str] = STRUCTURES, change_max_area_mm2: float | None = None,
+                 require_body: bool = False):
         self.weight, self.confidence, self.max_change = weight, confidence, max_change
+        self.require_body = require_body
         self.change_weight, self.change_max_area_mm2 = change_weight, change_max_area_mm2
         # label values whose corrections the change term counts (a pixel counts when its raw or corrected label is one)
         self.change_labels = torch.tensor([STRUCTURES.index(s) + 1 for s in change_structures])
@@ -121,7 +132,7 @@ class SelfTraining:
         (None: ``logits`` themselves)."""
         source = logits if target_logits is None else target_logits
         targets, accepted = pseudo_labels(torch.softmax(source.detach().float(), 1), spacing, self.confidence,
-                                           self.max_change, no_body)
+                                           self.max_change, no_body, self.require_body)
         if not accepted or not (targets != IGNORE).any():
             return logits.float().sum() * 0.0, accepted / logits.shape[0]
         loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
