@@ -50,8 +50,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import ndimage as ndi
 import torch.nn.functional as F
+from scipy import ndimage as ndi
 
 from .. import STRUCTURES
 from ..anatomy.order import check_slice, display_plane
