@@ -80,10 +80,10 @@ def pseudo_labels(probs: torch.Tensor, spacing: torch.Tensor, confidence: float,
             continue
         if flagged[b]:
             post[post == BODY] = 0
+        elif require_body and not (post == BODY).any():
+            continue
         check = check_slice(post, display_plane(sp))
         if not (check["order"] and check["both_laminae"]):
-            continue
-        if require_body and not flagged[b] and not (post == BODY).any():
             continue
         changed = post != raw[b]
         keep = (conf[b] >= confidence) | changed
