@@ -32,6 +32,10 @@ class AugmentConfig:
     bias: float = 0.0  # strength of a smooth multiplicative bias field (MONAI RandBiasField coefficients up to bias/2)
     noise: float = 0.0  # max std of added Gaussian noise (z-score units)
     blur: float = 0.0  # probability of a Gaussian blur with sigma in [0.5, 1.5] px
+    # probability of a random shallow convolution network on the content (global intensity non-linear
+    # augmentation, Ouyang et al. 2021): a new random texture and contrast per sample, so that only shape is
+    # shared with the source. Labelled slices only: unlabelled real slices keep their own appearance.
+    random_conv: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "AugmentConfig":
@@ -45,13 +49,19 @@ class AugmentConfig:
 
     @property
     def randomises_intensity(self) -> bool:
-        return bool(self.gamma or self.bias or self.noise or self.blur)
+        return bool(self.gamma or self.bias or self.noise or self.blur or self.random_conv)
 
 
 def geometry_only(cfg: AugmentConfig) -> AugmentConfig:
     """``cfg`` without any intensity change: the same random geometry from the same generator state (the
     geometry is drawn first), so a sample augmented with both configs from equal seeds is pixel-aligned."""
-    return dataclasses.replace(cfg, gamma=0.0, bias=0.0, noise=0.0, blur=0.0, intensity=0.0)
+    return dataclasses.replace(cfg, gamma=0.0, bias=0.0, noise=0.0, blur=0.0, intensity=0.0, random_conv=0.0)
+
+
+def for_unlabeled(cfg: AugmentConfig) -> AugmentConfig:
+    """The augmentation of unlabelled (real) slices: ``cfg`` without the random convolution, which randomises the
+    labelled source's appearance and would otherwise replace the real appearance self-training learns from."""
+    return dataclasses.replace(cfg, random_conv=0.0)
 
 
 def _uniform(gen: torch.Generator, a: float, b: float) -> float:
@@ -82,8 +92,32 @@ def zscore_content(img: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
     return torch.where(content, out, torch.zeros_like(out))
 
 
+RANDOM_CONV_LAYERS = 4
+RANDOM_CONV_WIDTH = 2  # channels between the layers
+
+
+def random_convolution(img: torch.Tensor, content: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random shallow network on a (C, H, W) image: ``RANDOM_CONV_LAYERS`` convolutions of random 1x1 or 3x3
+    kernels (normal, scaled by their fan-in) and biases with leaky ReLUs between them, its output z-scored over ``content`` and
+    mixed with the z-scored input by a uniform random weight. Edges stay where they were (a local operator);
+    contrast, texture and even the sign of each tissue's contrast change."""
+    c = img.shape[0]
+    x = torch.where(content, img, torch.zeros_like(img))[None]
+    for layer in range(RANDOM_CONV_LAYERS):
+        out_ch = c if layer == RANDOM_CONV_LAYERS - 1 else RANDOM_CONV_WIDTH
+        k = 3 if float(torch.rand((), generator=gen)) < 0.5 else 1
+        w = torch.randn((out_ch, x.shape[1], k, k), generator=gen, dtype=x.dtype) / math.sqrt(x.shape[1] * k * k)
+        b = torch.randn((out_ch,), generator=gen, dtype=x.dtype) * 0.5
+        x = F.conv2d(x, w, b, padding=k // 2)
+        if layer < RANDOM_CONV_LAYERS - 1:
+            x = F.leaky_relu(x, 0.2)
+    alpha = float(torch.rand((), generator=gen))
+    return zscore_content(alpha * zscore_content(x[0], content) + (1 - alpha) * zscore_content(img, content), content)
+
+
 def random_intensity(img: torch.Tensor, content: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """Gamma, bias field, blur and noise on the content of a (C, H, W) image, z-scored again over the content."""
+    """Random convolution, gamma, bias field, blur and noise on the content of a (C, H, W) image, z-scored again
+    over the content."""
     from monai.transforms import GaussianSmooth, RandAdjustContrast, RandBiasField, RandGaussianNoise
 
     if not content.any():
@@ -94,6 +128,8 @@ def random_intensity(img: torch.Tensor, content: torch.Tensor, cfg: AugmentConfi
         return t
 
     x = img.clone()
+    if cfg.random_conv and float(torch.rand((), generator=gen)) < cfg.random_conv:
+        x = random_convolution(x, content, gen)
     if cfg.gamma:
         g = math.exp(cfg.gamma)
         x[:, content] = torch.as_tensor(seeded(RandAdjustContrast(prob=1.0, gamma=(1 / g, g)))(x[:, content]))

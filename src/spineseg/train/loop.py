@@ -31,7 +31,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .. import NUM_CLASSES, STRUCTURES, __version__
-from ..data.augment import AugmentConfig
+from ..data.augment import AugmentConfig, for_unlabeled
 from ..data.dataset import make_loader
 from ..data.splits import write_splits
 from ..errors import SpinesegError
@@ -148,7 +148,8 @@ class Trainer:
             torch.set_num_threads(int(tc["threads"]))
         self.pp = PreprocessConfig(**self.cfg["preprocess"])
         self.augment = AugmentConfig.from_dict(self.cfg["augment"])
-        if tc["pseudo_weak_view"] and not (self.augment.intensity or self.augment.randomises_intensity):
+        unlabeled_augment = for_unlabeled(self.augment)
+        if tc["pseudo_weak_view"] and not (unlabeled_augment.intensity or unlabeled_augment.randomises_intensity):
             raise SpinesegError("train.pseudo_weak_view needs an intensity augmentation (augment.intensity, gamma, bias, "
                                 "noise or blur): without one the two views are the same")
 
@@ -422,7 +423,7 @@ class Trainer:
         tc = self.cfg["train"]
         passes = 0
         while True:
-            yield from make_loader(self.unlabeled, tc["domain_batch_size"], True, self.augment,
+            yield from make_loader(self.unlabeled, tc["domain_batch_size"], True, for_unlabeled(self.augment),
                                    seed=seed + 7919 * passes, epoch=self.epoch, shard=shard,
                                    weak_view=bool(tc["pseudo_weak_view"]))  # refused without pseudo_weight (__init__)
             passes += 1
