@@ -313,3 +313,22 @@ def test_with_require_body_a_slice_without_a_body_teaches_nothing_unless_listed_
     assert np.array_equal(targets[1].numpy(), no_body) and np.array_equal(targets[2].numpy(), truth)
     st = SelfTraining(1.0, 0.9, require_body=True)
     assert st.loss(torch.log(probs[:1]).float(), spacing[:1])[1] == 0.0
+
+
+def test_the_random_convolution_reaches_labelled_slices_and_not_unlabelled_ones(small_phantom, tmp_path):
+    """augment.random_conv randomises the phantom's appearance; an unlabelled real slice keeps its own (self-training
+    and the domain critic learn from it)."""
+    from spineseg.data.dataset import make_loader
+    from spineseg.train.loop import Trainer
+
+    tiny = {"preprocess": {"target_size": 64}, "model": {"base": 4}, "train": {"batch_size": 4, "max_minutes": None}}
+    kw = dict(overrides=tiny, progress=False, cache=tmp_path / "cache", unlabeled=[small_phantom / "imagesTr"])
+    runs = {}
+    for p in (0.0, 1.0):
+        t = Trainer(small_phantom, "unet", tmp_path / f"rc{p}", **kw,
+                    sets={"train": {"epochs": 1, "pseudo_weight": 1.0}, "augment": {"random_conv": p}})
+        labelled = next(iter(make_loader(t.data.train, 4, False, t.augment, seed=3)))["image"]
+        unlabelled = next(t._unlabeled_batches(3, None))["image"]
+        runs[p] = labelled, unlabelled
+    assert not torch.allclose(runs[0.0][0], runs[1.0][0], atol=1e-3)
+    assert torch.equal(runs[0.0][1], runs[1.0][1])

@@ -231,3 +231,29 @@ def test_degenerate_images_have_no_image_content(img):
 
     with pytest.raises(SpinesegError, match="no image content"):
         preprocess_slice(img.astype(np.float32), (1.0, 1.0), PreprocessConfig(target_size=64))
+
+
+def test_random_convolution_randomises_each_tissues_contrast_and_keeps_padding_and_labels(padded_record):
+    """augment.random_conv: a new random contrast per draw (the order of two tissues' mean intensities flips
+    between draws), the padding stays 0, the content z-scored, and the label map untouched."""
+    from spineseg.data.dataset import SliceDataset
+
+    rec, _, _ = padded_record
+    content = torch.from_numpy(rec.geometry.content_mask())
+    lab = torch.from_numpy(rec.label.astype(np.int64))
+    body, canal = lab == 1, lab == 2
+    ds, plain = SliceDataset([rec], AugmentConfig(**NO_CHANGE, random_conv=1.0)), SliceDataset([rec], AugmentConfig(**NO_CHANGE))
+    brighter = []
+    for epoch in range(16):
+        ds.epoch = plain.epoch = epoch
+        item = ds[0]
+        x = item["image"][0]
+        assert torch.all(x[~content] == 0)
+        assert abs(float(x[content].mean())) < 1e-4 and abs(float(x[content].std()) - 1) < 1e-3
+        assert torch.equal(item["label"], lab)
+        assert not torch.allclose(x, plain[0]["image"][0], atol=1e-3)
+        brighter.append(bool(x[body].mean() > x[canal].mean()))
+    assert 0 < sum(brighter) < len(brighter)  # the body is brighter than the canal in some draws, darker in others
+    # off by default: a config without it is the same sample as before the option existed
+    assert torch.equal(SliceDataset([rec], AugmentConfig(gamma=0.5, bias=0.3, random_conv=0.0))[0]["image"],
+                       SliceDataset([rec], AugmentConfig(gamma=0.5, bias=0.3))[0]["image"])
