@@ -9,7 +9,11 @@ network on a batch of preprocessed slices, once; "end to end" (with ``tta``: fli
 ``Predictor.predict_both`` on a volume of
 ``batch`` phantom slices at 512 x 512 (wavelet denoising, CLAHE, ROI, resize, network, mapping the
 probabilities back, post-processing), per slice. ``seconds_per_slice`` is the median over the repeats,
-``seconds_per_slice_min`` the fastest (what the machine does when nothing else competes). Weights are random (the same speed as trained ones).
+``seconds_per_slice_min`` the fastest (what the machine does when nothing else competes). The shipped
+configuration (cpu-quick) runs its trained weights; other configurations run random weights (the network's speed is
+the same as a trained one's), and their "end to end" rows skip the post-processing (``postprocess: none`` in the
+row): a random network's output is speckle, which the anatomical post-processing takes seconds per slice to sort
+out, and that would time the speckle, not a model.
 bf16 rows run only where the processor has native bfloat16 (``spineseg.precision.native_bf16``);
 elsewhere one emulated row of the small configuration shows why predict refuses it. Each value is the
 median of ``--repeats`` runs after a warm-up; other processes on the machine are not controlled, so the
@@ -87,6 +91,7 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
     import numpy as np
     import torch
 
+    from spineseg.anatomy.postprocess import DEFAULT_POSTPROCESS
     from spineseg.infer.predict import Predictor, resolve_checkpoint
     from spineseg.precision import native_bf16
     from spineseg.preprocess.pipeline import preprocess_slice
@@ -97,7 +102,8 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
             # cpu-quick is the shipped model's configuration: time its real weights. A random network's output
-            # is speckle, which the default anatomical post-processing takes ~1 s per slice to sort out.
+            # is speckle, which the anatomical post-processing takes seconds per slice to sort out: those end-to-end
+            # rows run without it.
             checkpoint = (resolve_checkpoint("pretrained") if config == "cpu-quick"
                           else _random_checkpoint(config, Path(tmp)))
             gflop = None  # the network's operation count: the same for every engine and precision, counted once
@@ -108,7 +114,8 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
                     if precision == "fp32":
                         loads.extend(_load_rows(config, engine, checkpoint, args.threads, Path(tmp)))
                     predictor = Predictor(checkpoint, device="cpu", threads=args.threads, engine=engine,
-                                          precision=precision, require_native_bf16=False)
+                                          precision=precision, require_native_bf16=False,
+                                          postprocess=DEFAULT_POSTPROCESS if config == "cpu-quick" else "none")
                     size = predictor.pp.target_size
                     if gflop is None:
                         net = predictor.model if (engine, precision) == ("torch", "fp32") else \
@@ -134,6 +141,7 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
                                    "threads": predictor.threads, "load_1min": round(os.getloadavg()[0], 2)}
                             if tta:
                                 row["tta"] = tta
+                                row["postprocess"] = predictor.postprocess
                             if emulated:
                                 row["note"] = "emulated bf16 (no native bfloat16): predict refuses this"
                             rows.append(row)
