@@ -332,3 +332,77 @@ def test_the_random_convolution_reaches_labelled_slices_and_not_unlabelled_ones(
         runs[p] = labelled, unlabelled
     assert not torch.allclose(runs[0.0][0], runs[1.0][0], atol=1e-3)
     assert torch.equal(runs[0.0][1], runs[1.0][1])
+
+
+def test_the_body_label_pushes_the_most_body_like_pixels_of_a_flagged_slice_and_nothing_else(truth):
+    """train.body_label_weight: on a slice known to hold a body, the term is near 0 where the network draws a body
+    of the given area, and where it dropped the body only the ``area`` worth of most body-like pixels get a
+    gradient, towards body; an unflagged slice gets none."""
+    from spineseg.train.selftrain import body_presence_loss
+
+    spacing = torch.tensor([[SPACING, SPACING]] * 2)
+    area = 200.0
+    k = round(area / SPACING ** 2)
+    with_body = torch.log(_probs(truth[None])).float()
+    assert float(body_presence_loss(with_body, spacing[:1], torch.tensor([True]), area)) < 0.06  # -log 0.95
+
+    dropped = truth.copy()
+    dropped[dropped == 1] = 0  # the network left the body out
+    logits = torch.log(_probs(np.stack([dropped, dropped]))).float()
+    hint = torch.zeros_like(logits[0, 1])
+    hint[truth == 1] = 0.5  # the body's own pixels are a little more body-like than the background
+    logits[:, 1] += hint
+    logits.requires_grad_(True)
+    loss = body_presence_loss(logits, spacing, torch.tensor([True, False]), area)
+    assert float(loss.detach()) > 2.0
+    loss.backward()
+    g = logits.grad
+    assert torch.all(g[1] == 0)  # the unflagged slice
+    pushed = g[0, 1] < 0  # descent raises the body logit there
+    assert int(pushed.sum()) == k and bool((truth[pushed.numpy()] == 1).all())  # inside the dropped body only
+    assert int((g[0].abs().sum(0) > 0).sum()) == k  # and nowhere else
+    none = body_presence_loss(logits, spacing, torch.tensor([False, False]), area)
+    assert float(none) == 0.0
+
+
+def test_a_run_takes_a_body_list_only_with_its_weight_and_never_a_slice_listed_both_ways(small_phantom, tmp_path,
+                                                                                        monkeypatch):
+    """--unlabeled-body: the listed slices arrive flagged at the step, the weight reaches the term, and a list
+    without its weight (or the reverse), or a slice in both lists, is refused before any training."""
+    from spineseg.errors import SpinesegError
+    from spineseg.train import steps
+    from spineseg.train.loop import Trainer
+
+    images = sorted((small_phantom / "imagesTr").iterdir())
+    body_csv, no_body_csv = tmp_path / "body.csv", tmp_path / "no_body.csv"
+    body_csv.write_text(f"image,slice\n{images[1].name},0\n{images[2].name},0\n")
+    no_body_csv.write_text(f"image,slice\n{images[0].name},0\n")
+    seen = []
+    original = steps.body_presence_loss
+
+    def spy(logits, spacing, has_body, area):
+        seen.append((has_body.clone(), area))
+        return original(logits, spacing, has_body, area)
+
+    monkeypatch.setattr(steps, "body_presence_loss", spy)
+    tiny = {"preprocess": {"target_size": 64}, "model": {"base": 4}, "train": {"batch_size": 4, "max_minutes": None}}
+    kw = dict(overrides=tiny, progress=False, cache=tmp_path / "cache", unlabeled=[small_phantom / "imagesTr"])
+    on = {"train": {"epochs": 1, "pseudo_weight": 1.0, "domain_batch_size": 16, "body_label_weight": 0.5,
+                    "body_label_area_mm2": 150.0}}
+    t = Trainer(small_phantom, "unet", tmp_path / "b", sets=on, unlabeled_body=body_csv,
+                unlabeled_no_body=no_body_csv, **kw)
+    assert t.step.self_training.body_weight == 0.5
+    assert {(r.case_id, r.index) for r in t.unlabeled if r.has_body} == {(images[1].name.split(".")[0], 0),
+                                                                         (images[2].name.split(".")[0], 0)}
+    t.fit()
+    assert seen and all(int(f.sum()) == 2 and a == 150.0 for f, a in seen)
+    with pytest.raises(SpinesegError, match="go together"):
+        Trainer(small_phantom, "unet", tmp_path / "w", sets={"train": {"epochs": 1, "pseudo_weight": 1.0}},
+                unlabeled_body=body_csv, **kw)
+    with pytest.raises(SpinesegError, match="go together"):
+        Trainer(small_phantom, "unet", tmp_path / "l", sets=on, **kw)
+    no_body_csv.write_text(f"image,slice\n{images[2].name},0\n")
+    with pytest.raises(SpinesegError, match="both as holding a body and as holding none"):
+        Trainer(small_phantom, "unet", tmp_path / "x", sets=on, unlabeled_body=body_csv,
+                unlabeled_no_body=no_body_csv, **kw)
+    assert not (tmp_path / "x" / "last.pt").exists()

@@ -8,7 +8,8 @@ failure the phantom test shows (the disc labelled as body) without any hand labe
 
     # 1. each slice's level, from one reference model's body region on the water image
     python results/dixon-disc/dixon_levels.py levels --model MODEL --out results/dixon-disc/levels.csv
-    # 2. the disc-level slices of the training volume (TUM01) as a --unlabeled-no-body list
+    # 2. the disc-level slices of the training volume (TUM01) as a --unlabeled-no-body list (`body`: the
+    #    vertebra-level slices, as a --unlabeled-body list)
     python results/dixon-disc/dixon_levels.py no-body --levels results/dixon-disc/levels.csv \
         --subjects TUM01 [--kinds water fat inphase] --out results/dixon-disc/no_body_TUM01.csv
     # 3. how often a model labels a disc as body, and finds the body at vertebral levels
@@ -89,7 +90,17 @@ def _read_levels(path: Path) -> list[dict]:
 
 
 def no_body(a) -> None:
-    rows = [r for r in _read_levels(a.levels) if r["subject"] in a.subjects and r["level"] == "disc"]
+    _slice_list(a, "disc")
+
+
+def body(a) -> None:
+    _slice_list(a, "vertebra")
+
+
+def _slice_list(a, level: str) -> None:
+    """The slices of ``level`` of a.subjects, for each of a.kinds, as a train --unlabeled-no-body / --unlabeled-body
+    CSV."""
+    rows = [r for r in _read_levels(a.levels) if r["subject"] in a.subjects and r["level"] == level]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     names = {"water": "{}_water_img_img_L2-L5.nii.gz", "fat": "{}_fat_img_img_L2-L5.nii.gz",
              "inphase": "{}_inphase_L2-L5.nii.gz"}
@@ -98,7 +109,7 @@ def no_body(a) -> None:
         for r in rows:
             for kind in a.kinds:
                 fh.write(f"{names[kind].format(r['subject'])},{r['slice']}\n")
-    print(f"{len(rows)} disc-level slices x ({', '.join(a.kinds)}) -> {a.out}")
+    print(f"{len(rows)} {level}-level slices x ({', '.join(a.kinds)}) -> {a.out}")
 
 
 def score(a) -> None:
@@ -181,13 +192,14 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=levels)
-    p = sub.add_parser("no-body")
-    p.add_argument("--levels", type=Path, required=True)
-    p.add_argument("--subjects", nargs="+", default=["TUM01"])
-    p.add_argument("--kinds", nargs="+", choices=["water", "fat", "inphase"], default=["water", "fat"],
-                   help="which images of each subject the list names (in-phase: dixon_inphase.py's file names)")
-    p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=no_body)
+    for name, func in (("no-body", no_body), ("body", body)):
+        p = sub.add_parser(name)
+        p.add_argument("--levels", type=Path, required=True)
+        p.add_argument("--subjects", nargs="+", default=["TUM01"])
+        p.add_argument("--kinds", nargs="+", choices=["water", "fat", "inphase"], default=["water", "fat"],
+                       help="which images of each subject the list names (in-phase: dixon_inphase.py's file names)")
+        p.add_argument("--out", type=Path, required=True)
+        p.set_defaults(func=func)
     p = sub.add_parser("score")
     p.add_argument("--model", required=True)
     p.add_argument("--levels", type=Path, required=True)

@@ -92,7 +92,7 @@ def cmd_train(a) -> int:
                     resume=a.resume, seed=a.seed, device=a.device, cache=a.cache, splits_file=a.splits,
                     progress=not a.quiet, sets=sets, case_is_patient=a.case_is_patient,
                     unlabeled=a.unlabeled, unlabeled_spacing=a.unlabeled_spacing,
-                    unlabeled_no_body=a.unlabeled_no_body, init=a.init)
+                    unlabeled_no_body=a.unlabeled_no_body, unlabeled_body=a.unlabeled_body, init=a.init)
     if ranks.is_main:
         print(json.dumps(res))
         print(f"checkpoints: {Path(a.out) / 'best.pt'} (best validation Dice), {Path(a.out) / 'last.pt'}")
@@ -346,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--unlabeled-no-body", metavar="CSV", default=None,
                    help="self-training: CSV (columns image,slice) of unlabelled slices known to hold no vertebral "
                    "body (disc level, e.g. from a Dixon pair's fat fraction); their target has no body")
+    s.add_argument("--unlabeled-body", metavar="CSV", default=None,
+                   help="self-training: CSV (columns image,slice) of unlabelled slices known to hold a vertebral body; "
+                   "each gets a term of its own (weight train.body_label_weight): a body of at least "
+                   "train.body_label_area_mm2 is somewhere on it")
     s.add_argument("--init", metavar="CHECKPOINT", default=None,
                    help="fine-tune: start from this checkpoint's weights (RUN/best.pt, a packed model, or "
                    "'pretrained'; same network config), with fresh optimisers and schedule")

@@ -26,6 +26,7 @@ class SliceRecord:
     label: np.ndarray | None  # (S, S) uint8, network grid
     geometry: Geometry
     no_body: bool = False  # an unlabelled slice known to hold no vertebral body (disc level)
+    has_body: bool = False  # an unlabelled slice known to hold one
 
 
 def prepare_slices(cases: list[Case], cfg: PreprocessConfig, cache: PreprocessCache | None = None,
@@ -85,7 +86,7 @@ def _single_slice(path) -> bool:
 class SliceDataset(Dataset):
     """Items: ``{"image": (1,S,S) float, "label": (S,S) long, "case": str, "index": int, "spacing": (2,) mm}``
     (``spacing``: the network grid's pixel spacing before augmentation); unlabelled slices have ``no_body``
-    (bool) in place of ``label``.
+    and ``has_body`` (bool) in place of ``label``.
 
     ``weak_view``: items also hold ``"weak"``, the same slice with the same random geometry but no intensity
     change (:func:`~spineseg.data.augment.geometry_only`), pixel-aligned with ``"image"``: the view a
@@ -125,6 +126,7 @@ class SliceDataset(Dataset):
             item["label"] = lab
         else:
             item["no_body"] = torch.tensor(r.no_body)
+            item["has_body"] = torch.tensor(r.has_body)
         return item
 
 

@@ -99,6 +99,11 @@ class TrainOptions(_Section):
     # and only the corrections of raw regions up to this area (mm²): a speck removed or a small hole filled counts, a
     # removed piece of lamina or body does not; None: any size
     pseudo_change_max_area_mm2: float | None = Field(None, gt=0)
+    # a weak label of its own on the --unlabeled-body slices (known to hold a vertebral body): weight x the mean of
+    # -log p(body) over the body_label_area_mm2 of each slice's pixels most likely to be body (multiple-instance: "a
+    # body of at least this area is somewhere here"); 0: off
+    body_label_weight: float = Field(0.0, ge=0)
+    body_label_area_mm2: float = Field(300.0, gt=0)
     # exponential moving average of the network's weights, updated after every generator step; 0: off. With it,
     # validation, best.pt / last.pt "model" (what predict, pack and --init read) are the average; "model_train"
     # holds the trained weights for --resume

@@ -93,27 +93,28 @@ def unlabeled_cases(paths: list[str | Path]) -> list[Case]:
     return [Case(f"{case_stem(p)}", Path(p), None, f"unlabeled:{case_stem(p)}") for p in inputs]
 
 
-def read_no_body_slices(path: str | Path, cases: list[Case]) -> set[tuple[str, int]]:
+def read_no_body_slices(path: str | Path, cases: list[Case], flag: str = "--unlabeled-no-body") -> set[tuple[str, int]]:
     """``train --unlabeled-no-body``: a CSV with columns ``image`` (an unlabelled image's file name, or its name
     without extension) and ``slice`` (0-based, in the order ``spineseg sanity`` numbers them) naming slices
-    known to hold no vertebral body (disc level). Returns ``{(case id, slice)}``."""
+    known to hold no vertebral body (disc level). Returns ``{(case id, slice)}``. ``train --unlabeled-body``
+    (``flag``) names slices known to hold one, in the same format."""
     import csv
 
     from ..io.images import case_stem
 
     path = Path(path)
     if not path.is_file():
-        raise SpinesegError("no such file (--unlabeled-no-body)", path)
+        raise SpinesegError(f"no such file ({flag})", path)
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or not {"image", "slice"} <= set(rows[0]):
-        raise SpinesegError("needs a header with columns image,slice and at least one row (--unlabeled-no-body)", path)
+        raise SpinesegError(f"needs a header with columns image,slice and at least one row ({flag})", path)
     known = {c.case_id for c in cases}
     out = set()
     for n, row in enumerate(rows, start=2):
         stem = case_stem(Path(row["image"] or ""))
         if stem not in known:
-            raise SpinesegError(f"line {n}: image {row['image']!r} is not one of the --unlabeled images", path)
+            raise SpinesegError(f"line {n}: image {row['image']!r} is not one of the --unlabeled images ({flag})", path)
         try:
             index = int(row["slice"])
         except (TypeError, ValueError):
@@ -124,9 +125,11 @@ def read_no_body_slices(path: str | Path, cases: list[Case]) -> set[tuple[str, i
 
 def load_unlabeled(cases: list[Case], spacing: float | None, pp: PreprocessConfig, cache: PreprocessCache,
                    progress: bool = True, no_body: set[tuple[str, int]] | None = None,
-                   no_body_source: str | Path | None = None) -> list[SliceRecord]:
+                   no_body_source: str | Path | None = None, body: set[tuple[str, int]] | None = None,
+                   body_source: str | Path | None = None) -> list[SliceRecord]:
     """Preprocessed slices of the unlabelled real images; empty slices are left out with a warning.
-    ``no_body``: ``{(case id, slice)}`` known to hold no vertebral body (see ``read_no_body_slices``)."""
+    ``no_body``: ``{(case id, slice)}`` known to hold no vertebral body (see ``read_no_body_slices``); ``body``:
+    those known to hold one."""
     recs = prepare_slices(cases, pp, cache, spacing=spacing, progress=progress, skip_empty=True)
     if not recs:
         raise SpinesegError("the unlabelled images hold no slice with image content", cases[0].image)
@@ -138,4 +141,17 @@ def load_unlabeled(cases: list[Case], spacing: float | None, pp: PreprocessConfi
                                 "(--unlabeled-no-body)", no_body_source)
         for r in recs:
             r.no_body = (r.case_id, r.index) in no_body
+    if body:
+        missing = sorted(body - {(r.case_id, r.index) for r in recs})
+        if missing:
+            case, index = missing[0]
+            raise SpinesegError(f"slice {index} of {case} does not exist or has no image content "
+                                "(--unlabeled-body)", body_source)
+        both = sorted(body & (no_body or set()))
+        if both:
+            case, index = both[0]
+            raise SpinesegError(f"slice {index} of {case} is listed both as holding a body and as holding none "
+                                "(--unlabeled-body and --unlabeled-no-body)", body_source)
+        for r in recs:
+            r.has_body = (r.case_id, r.index) in body
     return recs

@@ -94,7 +94,7 @@ class Trainer:
                  device: str = "auto", cache: str | Path | None = None, overrides: dict | None = None,
                  progress: bool = True, splits_file: str | Path | None = None, sets: dict | None = None,
                  case_is_patient: bool = False, unlabeled: list | None = None, unlabeled_spacing: float | None = None,
-                 unlabeled_no_body: str | Path | None = None,
+                 unlabeled_no_body: str | Path | None = None, unlabeled_body: str | Path | None = None,
                  init: str | Path | None = None):
         self.out = Path(out)
         self.ranks = current_ranks()  # several processes under torchrun (see `train.distributed`)
@@ -119,6 +119,8 @@ class Trainer:
                                        unlabeled_spacing=unlabeled_spacing)
             if unlabeled_no_body is not None:
                 self.cfg["run"]["unlabeled_no_body"] = str(Path(unlabeled_no_body).resolve())
+            if unlabeled_body is not None:
+                self.cfg["run"]["unlabeled_body"] = str(Path(unlabeled_body).resolve())
         else:
             if (self.out / "last.pt").exists():
                 raise SpinesegError("run folder already holds a training run (use --resume or another --out)", self.out)
@@ -129,7 +131,9 @@ class Trainer:
             self.cfg["run"].update(unlabeled=[str(Path(u).resolve()) for u in unlabeled or []],
                                    unlabeled_spacing=unlabeled_spacing,
                                    unlabeled_no_body=None if unlabeled_no_body is None
-                                   else str(Path(unlabeled_no_body).resolve()))
+                                   else str(Path(unlabeled_no_body).resolve()),
+                                   unlabeled_body=None if unlabeled_body is None
+                                   else str(Path(unlabeled_body).resolve()))
         run = self.cfg["run"]
         seed_everything(run["seed"])
         tc = self.cfg["train"]
@@ -143,6 +147,12 @@ class Trainer:
         if run.get("unlabeled_no_body") and not (run.get("unlabeled") and tc["pseudo_weight"]):
             raise SpinesegError("--unlabeled-no-body names slices for self-training: it needs --unlabeled and "
                                 "train.pseudo_weight > 0", run["unlabeled_no_body"])
+        if bool(run.get("unlabeled_body")) != bool(tc["body_label_weight"]):
+            raise SpinesegError("--unlabeled-body and train.body_label_weight > 0 go together: the list names the "
+                                "slices, the weight is their term's", run.get("unlabeled_body"))
+        if run.get("unlabeled_body") and not (run.get("unlabeled") and tc["pseudo_weight"]):
+            raise SpinesegError("--unlabeled-body names slices for self-training: it needs --unlabeled and "
+                                "train.pseudo_weight > 0", run["unlabeled_body"])
         self.device = self.ranks.device(device)
         if self.device.type == "cpu" and tc.get("threads"):
             torch.set_num_threads(int(tc["threads"]))
@@ -164,9 +174,9 @@ class Trainer:
         self.data = load_training_data(cases, splits, run["fold"], self.pp, PreprocessCache(cache), self.progress)
         self.unlabeled = []
         if unlabeled is not None:
-            unlabeled_cases_, no_body, no_body_csv = unlabeled
+            unlabeled_cases_, no_body, no_body_csv, body, body_csv = unlabeled
             self.unlabeled = load_unlabeled(unlabeled_cases_, run.get("unlabeled_spacing"), self.pp,
-                                            PreprocessCache(cache), self.progress, no_body, no_body_csv)
+                                            PreprocessCache(cache), self.progress, no_body, no_body_csv, body, body_csv)
 
         self.model = model_from_config(self.cfg).to(self.device)
         size = self.pp.target_size
@@ -203,7 +213,8 @@ class Trainer:
                                      tc["domain_objective"], tc["domain_weight"], tc["gp_lambda"])
         self_training = SelfTraining(tc["pseudo_weight"], tc["pseudo_confidence"], tc["pseudo_max_change"],
                                      tc["pseudo_change_weight"], tc["pseudo_change_structures"],
-                                     tc["pseudo_change_max_area_mm2"], tc["pseudo_require_body"]) \
+                                     tc["pseudo_change_max_area_mm2"], tc["pseudo_require_body"],
+                                     tc["body_label_weight"], tc["body_label_area_mm2"]) \
             if self.unlabeled and tc["pseudo_weight"] else None
         self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, seg_loss_from_config(tc), self.scaler,
                                   self.device, self.amp_dtype, adversary, domain, self_training)
@@ -231,14 +242,18 @@ class Trainer:
         cases = unlabeled_cases(run["unlabeled"])
         no_body_csv = run.get("unlabeled_no_body")
         no_body = read_no_body_slices(no_body_csv, cases) if no_body_csv else None
+        body_csv = run.get("unlabeled_body")
+        body = read_no_body_slices(body_csv, cases, "--unlabeled-body") if body_csv else None
         fingerprint = dataset_fingerprint(cases)
         if no_body_csv:  # the slice list is part of what the run learns from
             fingerprint = hashlib.sha1((fingerprint + repr(sorted(no_body))).encode()).hexdigest()
+        if body_csv:
+            fingerprint = hashlib.sha1((fingerprint + "body" + repr(sorted(body))).encode()).hexdigest()
         if resume and run.get("unlabeled_fingerprint") and fingerprint != run["unlabeled_fingerprint"]:
             raise SpinesegError("--unlabeled (or --unlabeled-no-body) differs in content from what this run was "
                                 "trained with; refusing to resume", run["unlabeled"][0])
         run["unlabeled_fingerprint"] = fingerprint
-        return cases, no_body, no_body_csv
+        return cases, no_body, no_body_csv, body, body_csv
 
     # the split actually trained on (kept as attributes for callers)
     @property
@@ -405,7 +420,8 @@ class Trainer:
                              None if real is None else real["image"].to(self.device),
                              None if real is None else real["spacing"], None if real is None else real["no_body"],
                              None if real is None or "weak" not in real else real["weak"].to(self.device),
-                             critics_only=warmup)
+                             critics_only=warmup,
+                             unlabeled_has_body=None if real is None else real["has_body"])
             if self.ema is not None and not warmup:
                 self.ema.update_parameters(self.model)
             for k, v in logs.items():

@@ -112,14 +112,34 @@ def in_small_regions(labels: torch.Tensor, spacing: torch.Tensor, max_area_mm2: 
     return torch.from_numpy(small).to(labels.device)
 
 
+def body_presence_loss(logits: torch.Tensor, spacing: torch.Tensor, has_body: torch.Tensor,
+                       area_mm2: float) -> torch.Tensor:
+    """A slice-level "there is a body here" label as a multiple-instance term: on each flagged slice of ``logits``
+    ``(B, C, H, W)`` (pixel ``spacing`` ``(B, 2)`` mm), the mean of -log p(body) over the ``area_mm2`` worth of
+    pixels most likely to be body; the mean over the flagged slices (0 when none is flagged). Where the network
+    already draws a body of that area the term is near 0; where it dropped the body, it raises the body
+    probability where the network finds it most plausible, and nowhere else."""
+    flagged = torch.as_tensor(has_body, dtype=torch.bool, device=logits.device).reshape(-1)
+    if not bool(flagged.any()):
+        return logits.sum() * 0.0
+    log_body = torch.log_softmax(logits.float(), 1)[:, BODY].flatten(1)
+    terms = []
+    for b in torch.nonzero(flagged).flatten().tolist():
+        k = max(1, min(log_body.shape[1], round(area_mm2 / (float(spacing[b][0]) * float(spacing[b][1])))))
+        terms.append(-log_body[b].topk(k).values.mean())
+    return torch.stack(terms).mean()
+
+
 class SelfTraining:
     """The pseudo-label term: ``weight`` x (CE on the accepted pixels + ``change_weight`` x CE on the pixels the
-    post-processing changed, by themselves); 0 when a batch has none."""
+    post-processing changed, by themselves); 0 when a batch has none. ``body_weight`` weighs
+    :func:`body_presence_loss` on the slices known to hold a body (``--unlabeled-body``), a term of its own."""
 
     def __init__(self, weight: float, confidence: float, max_change: float = 1.0, change_weight: float = 0.0,
                  change_structures: tuple[str, ...] | list[str] = STRUCTURES, change_max_area_mm2: float | None = None,
-                 require_body: bool = False):
+                 require_body: bool = False, body_weight: float = 0.0, body_area_mm2: float = 300.0):
         self.weight, self.confidence, self.max_change = weight, confidence, max_change
+        self.body_weight, self.body_area_mm2 = body_weight, body_area_mm2
         self.require_body = require_body
         self.change_weight, self.change_max_area_mm2 = change_weight, change_max_area_mm2
         # label values whose corrections the change term counts (a pixel counts when its raw or corrected label is one)

@@ -14,7 +14,7 @@ import torch
 
 from .. import NUM_CLASSES
 from .losses import SegLoss, critic_loss, generator_adv_loss, one_hot
-from .selftrain import SelfTraining
+from .selftrain import SelfTraining, body_presence_loss
 
 
 def generator_optimizer(model: torch.nn.Module, tc: dict) -> torch.optim.Optimizer:
@@ -117,11 +117,12 @@ class GeneratorStep:
     def __call__(self, image: torch.Tensor, labels: torch.Tensor, adversarial: bool,
                  unlabeled: torch.Tensor | None = None, unlabeled_spacing: torch.Tensor | None = None,
                  unlabeled_no_body: torch.Tensor | None = None, unlabeled_weak: torch.Tensor | None = None,
-                 critics_only: bool = False) -> dict:
+                 critics_only: bool = False, unlabeled_has_body: torch.Tensor | None = None) -> dict:
         """One update. ``unlabeled``: a batch of real slices (pixel spacing ``unlabeled_spacing``, (B, 2) mm) for
         domain adaptation and / or self-training (None: neither term); ``unlabeled_no_body`` (B,): those known to
         hold no vertebral body; ``unlabeled_weak``: the same slices without intensity augmentation, that
-        self-training reads its targets from (None: from ``unlabeled`` itself). ``critics_only``: update the
+        self-training reads its targets from (None: from ``unlabeled`` itself); ``unlabeled_has_body`` (B,): those
+        known to hold a body (the self-training's body term). ``critics_only``: update the
         critics on the generator's present output and leave the generator as it is (``train.critic_warmup_steps``)."""
         logs = {}
         if adversarial:
@@ -162,6 +163,11 @@ class GeneratorStep:
                                                                           unlabeled_no_body, weak_logits)
                 logs["loss_pseudo"] = float(pseudo.detach())
                 loss = loss + self.self_training.weight * pseudo
+                if self.self_training.body_weight and unlabeled_has_body is not None:
+                    body = body_presence_loss(target_logits, unlabeled_spacing, unlabeled_has_body,
+                                              self.self_training.body_area_mm2)
+                    logs["loss_body"] = float(body.detach())
+                    loss = loss + self.self_training.body_weight * body
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
