@@ -396,6 +396,9 @@ def test_a_run_takes_a_body_list_only_with_its_weight_and_never_a_slice_listed_b
                                                                          (images[2].name.split(".")[0], 0)}
     t.fit()
     assert seen and all(int(f.sum()) == 2 and a == 150.0 for f, a in seen)
+    import csv
+    with open(tmp_path / "b" / "log.csv", newline="") as fh:
+        assert all(float(r["loss_body"]) >= 0 for r in csv.DictReader(fh))  # the term is in the run's log
     with pytest.raises(SpinesegError, match="go together"):
         Trainer(small_phantom, "unet", tmp_path / "w", sets={"train": {"epochs": 1, "pseudo_weight": 1.0}},
                 unlabeled_body=body_csv, **kw)
