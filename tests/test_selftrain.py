@@ -399,6 +399,11 @@ def test_a_run_takes_a_body_list_only_with_its_weight_and_never_a_slice_listed_b
     import csv
     with open(tmp_path / "b" / "log.csv", newline="") as fh:
         assert all(float(r["loss_body"]) >= 0 for r in csv.DictReader(fh))  # the term is in the run's log
+    other = tmp_path / "other_body.csv"
+    other.write_text(f"image,slice\n{images[3].name},0\n")
+    with pytest.raises(SpinesegError, match="differs in content"):  # a resumed run refuses another list
+        Trainer(None, None, tmp_path / "b", resume=True, sets={"train": {"epochs": 2}}, progress=False,
+                cache=tmp_path / "cache", unlabeled_body=other)
     with pytest.raises(SpinesegError, match="go together"):
         Trainer(small_phantom, "unet", tmp_path / "w", sets={"train": {"epochs": 1, "pseudo_weight": 1.0}},
                 unlabeled_body=body_csv, **kw)

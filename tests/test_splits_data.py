@@ -242,7 +242,8 @@ def test_random_convolution_randomises_each_tissues_contrast_and_keeps_padding_a
     content = torch.from_numpy(rec.geometry.content_mask())
     lab = torch.from_numpy(rec.label.astype(np.int64))
     body, canal = lab == 1, lab == 2
-    ds, plain = SliceDataset([rec], AugmentConfig(**NO_CHANGE, random_conv=1.0)), SliceDataset([rec], AugmentConfig(**NO_CHANGE))
+    ds = SliceDataset([rec], AugmentConfig(**NO_CHANGE, random_conv=1.0))
+    plain = SliceDataset([rec], AugmentConfig(**NO_CHANGE))
     brighter = []
     for epoch in range(16):
         ds.epoch = plain.epoch = epoch

@@ -98,8 +98,8 @@ RANDOM_CONV_WIDTH = 2  # channels between the layers
 
 def random_convolution(img: torch.Tensor, content: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A random shallow network on a (C, H, W) image: ``RANDOM_CONV_LAYERS`` convolutions of random 1x1 or 3x3
-    kernels (normal, scaled by their fan-in) and biases with leaky ReLUs between them, its output z-scored over ``content`` and
-    mixed with the z-scored input by a uniform random weight. Edges stay where they were (a local operator);
+    kernels (normal, scaled by their fan-in) and biases with leaky ReLUs between them, its output z-scored over
+    ``content`` and mixed with the z-scored input by a uniform random weight. Edges stay where they were (a local operator);
     contrast, texture and even the sign of each tissue's contrast change."""
     c = img.shape[0]
     x = torch.where(content, img, torch.zeros_like(img))[None]
@@ -112,7 +112,8 @@ def random_convolution(img: torch.Tensor, content: torch.Tensor, gen: torch.Gene
         if layer < RANDOM_CONV_LAYERS - 1:
             x = F.leaky_relu(x, 0.2)
     alpha = float(torch.rand((), generator=gen))
-    return zscore_content(alpha * zscore_content(x[0], content) + (1 - alpha) * zscore_content(img, content), content)
+    mixed = alpha * zscore_content(x[0], content) + (1 - alpha) * zscore_content(img, content)
+    return zscore_content(mixed, content)
 
 
 def random_intensity(img: torch.Tensor, content: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:

@@ -250,8 +250,8 @@ class Trainer:
         if body_csv:
             fingerprint = hashlib.sha1((fingerprint + "body" + repr(sorted(body))).encode()).hexdigest()
         if resume and run.get("unlabeled_fingerprint") and fingerprint != run["unlabeled_fingerprint"]:
-            raise SpinesegError("--unlabeled (or --unlabeled-no-body) differs in content from what this run was "
-                                "trained with; refusing to resume", run["unlabeled"][0])
+            raise SpinesegError("--unlabeled (or --unlabeled-no-body, --unlabeled-body) differs in content from what "
+                                "this run was trained with; refusing to resume", run["unlabeled"][0])
         run["unlabeled_fingerprint"] = fingerprint
         return cases, no_body, no_body_csv, body, body_csv
 
