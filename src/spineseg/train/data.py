@@ -133,25 +133,18 @@ def load_unlabeled(cases: list[Case], spacing: float | None, pp: PreprocessConfi
     recs = prepare_slices(cases, pp, cache, spacing=spacing, progress=progress, skip_empty=True)
     if not recs:
         raise SpinesegError("the unlabelled images hold no slice with image content", cases[0].image)
-    if no_body:
-        missing = sorted(no_body - {(r.case_id, r.index) for r in recs})
+    present = {(r.case_id, r.index) for r in recs}
+    for listed, flag, source in ((no_body, "--unlabeled-no-body", no_body_source), (body, "--unlabeled-body", body_source)):
+        missing = sorted((listed or set()) - present)
         if missing:
             case, index = missing[0]
-            raise SpinesegError(f"slice {index} of {case} does not exist or has no image content "
-                                "(--unlabeled-no-body)", no_body_source)
-        for r in recs:
-            r.no_body = (r.case_id, r.index) in no_body
-    if body:
-        missing = sorted(body - {(r.case_id, r.index) for r in recs})
-        if missing:
-            case, index = missing[0]
-            raise SpinesegError(f"slice {index} of {case} does not exist or has no image content "
-                                "(--unlabeled-body)", body_source)
-        both = sorted(body & (no_body or set()))
-        if both:
-            case, index = both[0]
-            raise SpinesegError(f"slice {index} of {case} is listed both as holding a body and as holding none "
-                                "(--unlabeled-body and --unlabeled-no-body)", body_source)
-        for r in recs:
-            r.has_body = (r.case_id, r.index) in body
+            raise SpinesegError(f"slice {index} of {case} does not exist or has no image content ({flag})", source)
+    both = sorted((body or set()) & (no_body or set()))
+    if both:
+        case, index = both[0]
+        raise SpinesegError(f"slice {index} of {case} is listed both as holding a body and as holding none "
+                            "(--unlabeled-body and --unlabeled-no-body)", body_source)
+    for r in recs:
+        r.no_body = (r.case_id, r.index) in (no_body or set())
+        r.has_body = (r.case_id, r.index) in (body or set())
     return recs
