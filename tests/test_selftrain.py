@@ -414,3 +414,57 @@ def test_a_run_takes_a_body_list_only_with_its_weight_and_never_a_slice_listed_b
         Trainer(small_phantom, "unet", tmp_path / "x", sets=on, unlabeled_body=body_csv,
                 unlabeled_no_body=no_body_csv, **kw)
     assert not (tmp_path / "x" / "last.pt").exists()
+
+
+def test_the_no_body_label_pushes_down_the_most_body_like_pixels_of_a_flagged_slice_only(truth):
+    """train.no_body_label_weight: on a slice known to hold no body, a drawn body is pushed down where it is most
+    body-like (the area's worth of pixels), nowhere else; near 0 where no body is drawn; unflagged slices untouched."""
+    from spineseg.train.selftrain import body_absence_loss
+
+    spacing = torch.tensor([[SPACING, SPACING]] * 2)
+    area = 200.0
+    k = round(area / SPACING ** 2)
+    disc = truth.copy()
+    disc[disc == 1] = 0
+    assert float(body_absence_loss(torch.log(_probs(disc[None])).float(), spacing[:1], torch.tensor([True]),
+                                   area)) < 0.06
+    logits = torch.log(_probs(np.stack([truth, truth]))).float()
+    hint = torch.zeros_like(logits[0, 1])
+    hint[truth == 1] = torch.linspace(0, 0.5, int((truth == 1).sum()))  # some body pixels more body-like than others
+    logits[:, 1] += hint
+    logits.requires_grad_(True)
+    loss = body_absence_loss(logits, spacing, torch.tensor([True, False]), area)
+    assert float(loss.detach()) > 2.0
+    loss.backward()
+    g = logits.grad
+    assert torch.all(g[1] == 0)
+    pushed_down = g[0, 1] > 0  # descent lowers the body logit there
+    assert int(pushed_down.sum()) == k and int((g[0].abs().sum(0) > 0).sum()) == k
+    assert float(hint[pushed_down].min()) >= float(hint[(truth == 1) & ~pushed_down.numpy()].max())  # the most body-like
+
+
+def test_a_run_passes_the_no_body_weight_and_refuses_it_without_the_list(small_phantom, tmp_path, monkeypatch):
+    from spineseg.errors import SpinesegError
+    from spineseg.train import steps
+    from spineseg.train.loop import Trainer
+
+    images = sorted((small_phantom / "imagesTr").iterdir())
+    no_body_csv = tmp_path / "no_body.csv"
+    no_body_csv.write_text(f"image,slice\n{images[0].name},0\n")
+    seen = []
+    original = steps.body_absence_loss
+
+    def spy(logits, spacing, no_body, area):
+        seen.append(int(no_body.sum()))
+        return original(logits, spacing, no_body, area)
+
+    monkeypatch.setattr(steps, "body_absence_loss", spy)
+    tiny = {"preprocess": {"target_size": 64}, "model": {"base": 4}, "train": {"batch_size": 4, "max_minutes": None}}
+    kw = dict(overrides=tiny, progress=False, cache=tmp_path / "cache", unlabeled=[small_phantom / "imagesTr"])
+    on = {"train": {"epochs": 1, "pseudo_weight": 1.0, "domain_batch_size": 16, "no_body_label_weight": 0.5}}
+    t = Trainer(small_phantom, "unet", tmp_path / "nb", sets=on, unlabeled_no_body=no_body_csv, **kw)
+    assert t.step.self_training.no_body_weight == 0.5
+    t.fit()
+    assert seen and all(n == 1 for n in seen)
+    with pytest.raises(SpinesegError, match="no_body_label_weight weighs a term on the --unlabeled-no-body slices"):
+        Trainer(small_phantom, "unet", tmp_path / "x", sets=on, **kw)

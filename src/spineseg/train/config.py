@@ -104,6 +104,9 @@ class TrainOptions(_Section):
     # body of at least this area is somewhere here"); 0: off
     body_label_weight: float = Field(0.0, ge=0)
     body_label_area_mm2: float = Field(300.0, gt=0)
+    # its negative counterpart on the --unlabeled-no-body slices: weight x the mean of -log(1 - p(body)) over the
+    # same area of most body-like pixels (a disc drawn as body is pushed down where it is most body-like); 0: off
+    no_body_label_weight: float = Field(0.0, ge=0)
     # exponential moving average of the network's weights, updated after every generator step; 0: off. With it,
     # validation, best.pt / last.pt "model" (what predict, pack and --init read) are the average; "model_train"
     # holds the trained weights for --resume

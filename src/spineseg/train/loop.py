@@ -150,6 +150,9 @@ class Trainer:
         if bool(run.get("unlabeled_body")) != bool(tc["body_label_weight"]):
             raise SpinesegError("--unlabeled-body and train.body_label_weight > 0 go together: the list names the "
                                 "slices, the weight is their term's", run.get("unlabeled_body"))
+        if tc["no_body_label_weight"] and not run.get("unlabeled_no_body"):
+            raise SpinesegError("train.no_body_label_weight weighs a term on the --unlabeled-no-body slices: give the "
+                                "list")
         if run.get("unlabeled_body") and not (run.get("unlabeled") and tc["pseudo_weight"]):
             raise SpinesegError("--unlabeled-body names slices for self-training: it needs --unlabeled and "
                                 "train.pseudo_weight > 0", run["unlabeled_body"])
@@ -214,7 +217,7 @@ class Trainer:
         self_training = SelfTraining(tc["pseudo_weight"], tc["pseudo_confidence"], tc["pseudo_max_change"],
                                      tc["pseudo_change_weight"], tc["pseudo_change_structures"],
                                      tc["pseudo_change_max_area_mm2"], tc["pseudo_require_body"],
-                                     tc["body_label_weight"], tc["body_label_area_mm2"]) \
+                                     tc["body_label_weight"], tc["body_label_area_mm2"], tc["no_body_label_weight"]) \
             if self.unlabeled and tc["pseudo_weight"] else None
         self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, seg_loss_from_config(tc), self.scaler,
                                   self.device, self.amp_dtype, adversary, domain, self_training)

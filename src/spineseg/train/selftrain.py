@@ -119,27 +119,45 @@ def body_presence_loss(logits: torch.Tensor, spacing: torch.Tensor, has_body: to
     pixels most likely to be body; the mean over the flagged slices (0 when none is flagged). Where the network
     already draws a body of that area the term is near 0; where it dropped the body, it raises the body
     probability where the network finds it most plausible, and nowhere else."""
-    flagged = torch.as_tensor(has_body, dtype=torch.bool, device=logits.device).reshape(-1)
+    return _slice_label_loss(logits, spacing, has_body, area_mm2, present=True)
+
+
+def body_absence_loss(logits: torch.Tensor, spacing: torch.Tensor, no_body: torch.Tensor,
+                      area_mm2: float) -> torch.Tensor:
+    """The negative counterpart of :func:`body_presence_loss` on slices known to hold no body: the mean of
+    -log(1 - p(body)) over the ``area_mm2`` worth of pixels most likely to be body. Near 0 where the network draws
+    no body there; where it draws one (a disc labelled body), it pushes down the most body-like pixels only."""
+    return _slice_label_loss(logits, spacing, no_body, area_mm2, present=False)
+
+
+def _slice_label_loss(logits, spacing, flags, area_mm2: float, present: bool) -> torch.Tensor:
+    flagged = torch.as_tensor(flags, dtype=torch.bool, device=logits.device).reshape(-1)
     if not bool(flagged.any()):
         return logits.sum() * 0.0
-    log_body = torch.log_softmax(logits.float(), 1)[:, BODY].flatten(1)
+    log_probs = torch.log_softmax(logits.float(), 1)
+    log_body = log_probs[:, BODY].flatten(1)
+    # log(1 - p(body)), computed from the other classes' log-probabilities (stable where p(body) is near 1)
+    log_not_body = torch.logsumexp(torch.cat([log_probs[:, :BODY], log_probs[:, BODY + 1:]], 1), 1).flatten(1)
     terms = []
     for b in torch.nonzero(flagged).flatten().tolist():
         k = max(1, min(log_body.shape[1], round(area_mm2 / (float(spacing[b][0]) * float(spacing[b][1])))))
-        terms.append(-log_body[b].topk(k).values.mean())
+        top = log_body[b].topk(k).indices  # the most body-like pixels
+        terms.append(-(log_body[b, top] if present else log_not_body[b, top]).mean())
     return torch.stack(terms).mean()
 
 
 class SelfTraining:
     """The pseudo-label term: ``weight`` x (CE on the accepted pixels + ``change_weight`` x CE on the pixels the
     post-processing changed, by themselves); 0 when a batch has none. ``body_weight`` weighs
-    :func:`body_presence_loss` on the slices known to hold a body (``--unlabeled-body``), a term of its own."""
+    :func:`body_presence_loss` on the slices known to hold a body (``--unlabeled-body``), ``no_body_weight``
+    :func:`body_absence_loss` on those known to hold none (``--unlabeled-no-body``): terms of their own."""
 
     def __init__(self, weight: float, confidence: float, max_change: float = 1.0, change_weight: float = 0.0,
                  change_structures: tuple[str, ...] | list[str] = STRUCTURES, change_max_area_mm2: float | None = None,
-                 require_body: bool = False, body_weight: float = 0.0, body_area_mm2: float = 300.0):
+                 require_body: bool = False, body_weight: float = 0.0, body_area_mm2: float = 300.0,
+                 no_body_weight: float = 0.0):
         self.weight, self.confidence, self.max_change = weight, confidence, max_change
-        self.body_weight, self.body_area_mm2 = body_weight, body_area_mm2
+        self.body_weight, self.body_area_mm2, self.no_body_weight = body_weight, body_area_mm2, no_body_weight
         self.require_body = require_body
         self.change_weight, self.change_max_area_mm2 = change_weight, change_max_area_mm2
         # label values whose corrections the change term counts (a pixel counts when its raw or corrected label is one)

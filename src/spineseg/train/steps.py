@@ -14,7 +14,7 @@ import torch
 
 from .. import NUM_CLASSES
 from .losses import SegLoss, critic_loss, generator_adv_loss, one_hot
-from .selftrain import SelfTraining, body_presence_loss
+from .selftrain import SelfTraining, body_absence_loss, body_presence_loss
 
 
 def generator_optimizer(model: torch.nn.Module, tc: dict) -> torch.optim.Optimizer:
@@ -168,6 +168,11 @@ class GeneratorStep:
                                               self.self_training.body_area_mm2)
                     logs["loss_body"] = float(body.detach())
                     loss = loss + self.self_training.body_weight * body
+                if self.self_training.no_body_weight and unlabeled_no_body is not None:
+                    absent = body_absence_loss(target_logits, unlabeled_spacing, unlabeled_no_body,
+                                               self.self_training.body_area_mm2)
+                    logs["loss_no_body"] = float(absent.detach())
+                    loss = loss + self.self_training.no_body_weight * absent
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
