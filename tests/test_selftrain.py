@@ -334,6 +334,17 @@ def test_the_random_convolution_reaches_labelled_slices_and_not_unlabelled_ones(
     assert torch.equal(runs[0.0][1], runs[1.0][1])
 
 
+def _slice_label_gradient(loss_fn, labels: np.ndarray, hint: torch.Tensor, spacing: torch.Tensor, area: float):
+    """Logits of two copies of ``labels`` with ``hint`` added to the body logit, the slice-label term with the first
+    slice flagged and the second not, and its gradient on the logits."""
+    logits = torch.log(_probs(np.stack([labels, labels]))).float()
+    logits[:, 1] += hint
+    logits.requires_grad_(True)
+    loss = loss_fn(logits, spacing, torch.tensor([True, False]), area)
+    loss.backward()
+    return logits, loss, logits.grad
+
+
 def test_the_body_label_pushes_the_most_body_like_pixels_of_a_flagged_slice_and_nothing_else(truth):
     """train.body_label_weight: on a slice known to hold a body, the term is near 0 where the network draws a body
     of the given area, and where it dropped the body only the ``area`` worth of most body-like pixels get a
@@ -348,15 +359,10 @@ def test_the_body_label_pushes_the_most_body_like_pixels_of_a_flagged_slice_and_
 
     dropped = truth.copy()
     dropped[dropped == 1] = 0  # the network left the body out
-    logits = torch.log(_probs(np.stack([dropped, dropped]))).float()
-    hint = torch.zeros_like(logits[0, 1])
+    hint = torch.zeros(truth.shape, dtype=torch.float32)
     hint[truth == 1] = 0.5  # the body's own pixels are a little more body-like than the background
-    logits[:, 1] += hint
-    logits.requires_grad_(True)
-    loss = body_presence_loss(logits, spacing, torch.tensor([True, False]), area)
+    logits, loss, g = _slice_label_gradient(body_presence_loss, dropped, hint, spacing, area)
     assert float(loss.detach()) > 2.0
-    loss.backward()
-    g = logits.grad
     assert torch.all(g[1] == 0)  # the unflagged slice
     pushed = g[0, 1] < 0  # descent raises the body logit there
     assert int(pushed.sum()) == k and bool((truth[pushed.numpy()] == 1).all())  # inside the dropped body only
@@ -428,15 +434,10 @@ def test_the_no_body_label_pushes_down_the_most_body_like_pixels_of_a_flagged_sl
     disc[disc == 1] = 0
     assert float(body_absence_loss(torch.log(_probs(disc[None])).float(), spacing[:1], torch.tensor([True]),
                                    area)) < 0.06
-    logits = torch.log(_probs(np.stack([truth, truth]))).float()
-    hint = torch.zeros_like(logits[0, 1])
+    hint = torch.zeros(truth.shape, dtype=torch.float32)
     hint[truth == 1] = torch.linspace(0, 0.5, int((truth == 1).sum()))  # some body pixels more body-like than others
-    logits[:, 1] += hint
-    logits.requires_grad_(True)
-    loss = body_absence_loss(logits, spacing, torch.tensor([True, False]), area)
+    _, loss, g = _slice_label_gradient(body_absence_loss, truth, hint, spacing, area)
     assert float(loss.detach()) > 2.0
-    loss.backward()
-    g = logits.grad
     assert torch.all(g[1] == 0)
     pushed_down = g[0, 1] > 0  # descent lowers the body logit there
     assert int(pushed_down.sum()) == k and int((g[0].abs().sum(0) > 0).sum()) == k
