@@ -469,3 +469,71 @@ def test_a_run_passes_the_no_body_weight_and_refuses_it_without_the_list(small_p
     assert seen and all(n == 1 for n in seen)
     with pytest.raises(SpinesegError, match="no_body_label_weight weighs a term on the --unlabeled-no-body slices"):
         Trainer(small_phantom, "unet", tmp_path / "x", sets=on, **kw)
+
+
+class _FixedLogits(torch.nn.Module):
+    """A "network" whose output is a learnable tensor of logits, whatever its input."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits.clone())
+
+    def forward(self, image):
+        return self.logits
+
+
+def test_the_labelled_no_body_term_pushes_down_a_false_body_on_a_labelled_slice_without_one(truth):
+    """train.labelled_no_body_weight: in the supervised step, a labelled slice whose reference holds no body (a
+    disc-level slice) on which the network draws one gets the weighted no-body term: a gradient lowering the body
+    logit on the area's worth of most body-like pixels, nowhere else; a slice whose reference has a body gets none."""
+    from spineseg.train.steps import GeneratorStep
+
+    disc = truth.copy()
+    disc[disc == 1] = 0
+    labels = torch.from_numpy(np.stack([disc, truth]))
+    drawn = torch.log(_probs(np.stack([truth, truth]))).float()  # the network draws a body on both slices
+    spacing = torch.tensor([[SPACING, SPACING]] * 2)
+    area, weight = 200.0, 0.5
+    k = round(area / SPACING ** 2)
+
+    def grad(w: float) -> tuple[torch.Tensor, dict]:
+        model = _FixedLogits(drawn)
+        step = GeneratorStep(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                             lambda logits, lab: F.cross_entropy(logits, lab), torch.amp.GradScaler("cuda", enabled=False),
+                             torch.device("cpu"), None, labelled_no_body_weight=w, body_area_mm2=area)
+        logs = step(torch.zeros(2, 1, *truth.shape), labels, False, spacing=spacing)
+        return model.logits.grad.clone(), logs
+
+    (g0, logs0), (g1, logs1) = grad(0.0), grad(weight)
+    assert "loss_no_body_labelled" not in logs0 and logs1["loss_no_body_labelled"] > 2.0
+    extra = g1 - g0
+    assert torch.all(extra[1] == 0)  # the slice with a body in its reference
+    pushed_down = extra[0, 1] > 0  # descent lowers the body logit there
+    assert int(pushed_down.sum()) == k and int((extra[0].abs().sum(0) > 1e-12).sum()) == k
+    assert bool((truth[pushed_down.numpy()] == 1).all())  # on the false body
+    assert logs1["loss_g"] == pytest.approx(logs0["loss_g"] + weight * logs1["loss_no_body_labelled"], rel=1e-6)
+
+
+def test_a_run_passes_the_labelled_no_body_weight_and_the_slices_spacing(small_phantom, tmp_path, monkeypatch):
+    """The weight and the area reach the step, and every training step gets its batch's pixel spacing."""
+    from spineseg.train import steps
+    from spineseg.train.loop import Trainer
+
+    seen = []
+    original = steps.body_absence_loss
+
+    def spy(logits, spacing, no_body, area):
+        seen.append((tuple(spacing.shape), area))
+        return original(logits, spacing, no_body, area)
+
+    monkeypatch.setattr(steps, "body_absence_loss", spy)
+    tiny = {"preprocess": {"target_size": 64}, "model": {"base": 4}, "train": {"batch_size": 4, "max_minutes": None}}
+    on = {"train": {"epochs": 1, "labelled_no_body_weight": 0.5, "body_label_area_mm2": 150.0}}
+    t = Trainer(small_phantom, "unet", tmp_path / "lnb", sets=on, overrides=tiny, progress=False,
+                cache=tmp_path / "cache")
+    assert t.step.labelled_no_body_weight == 0.5 and t.step.body_area_mm2 == 150.0
+    t.fit()
+    assert seen and all(shape[1] == 2 and a == 150.0 for shape, a in seen)
+    import csv
+    with open(tmp_path / "lnb" / "log.csv", newline="") as fh:
+        assert all(float(r["loss_no_body_labelled"]) >= 0 for r in csv.DictReader(fh))

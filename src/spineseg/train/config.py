@@ -107,6 +107,10 @@ class TrainOptions(_Section):
     # its negative counterpart on the --unlabeled-no-body slices: weight x the mean of -log(1 - p(body)) over the
     # same area of most body-like pixels (a disc drawn as body is pushed down where it is most body-like); 0: off
     no_body_label_weight: float = Field(0.0, ge=0)
+    # the same negative term on the labelled (phantom) slices whose reference holds no body (disc-level slices): weight
+    # x the mean of -log(1 - p(body)) over the body_label_area_mm2 of most body-like pixels, added to the supervised
+    # loss (the per-pixel loss barely sees a small false body on a disc); needs no --unlabeled; 0: off
+    labelled_no_body_weight: float = Field(0.0, ge=0)
     # exponential moving average of the network's weights, updated after every generator step; 0: off. With it,
     # validation, best.pt / last.pt "model" (what predict, pack and --init read) are the average; "model_train"
     # holds the trained weights for --resume

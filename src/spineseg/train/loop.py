@@ -220,7 +220,8 @@ class Trainer:
                                      tc["body_label_weight"], tc["body_label_area_mm2"], tc["no_body_label_weight"]) \
             if self.unlabeled and tc["pseudo_weight"] else None
         self.step = GeneratorStep(self.ranks.wrap(self.model, image), self.opt, seg_loss_from_config(tc), self.scaler,
-                                  self.device, self.amp_dtype, adversary, domain, self_training)
+                                  self.device, self.amp_dtype, adversary, domain, self_training,
+                                  tc["labelled_no_body_weight"], tc["body_label_area_mm2"])
         # the average starts from the network's weights once they are loaded (below); a resume restores it
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc["ema_decay"]), use_buffers=True) \
             if tc["ema_decay"] else None
@@ -424,7 +425,8 @@ class Trainer:
                              None if real is None else real["spacing"], None if real is None else real["no_body"],
                              None if real is None or "weak" not in real else real["weak"].to(self.device),
                              critics_only=warmup,
-                             unlabeled_has_body=None if real is None else real["has_body"])
+                             unlabeled_has_body=None if real is None else real["has_body"],
+                             spacing=batch["spacing"])
             if self.ema is not None and not warmup:
                 self.ema.update_parameters(self.model)
             for k, v in logs.items():

@@ -17,7 +17,7 @@ from ..io.atomic import atomic_write_text
 
 FIELDS = (["epoch", "seconds", "lr", "loss_g", "loss_seg", "loss_adv", "loss_d", "loss_domain", "loss_domain_d",
            "loss_pseudo", "pseudo_accepted", "loss_body",
-           "loss_no_body"] + [f"val_dice_{s}" for s in STRUCTURES] + ["val_dice_mean"])
+           "loss_no_body", "loss_no_body_labelled"] + [f"val_dice_{s}" for s in STRUCTURES] + ["val_dice_mean"])
 
 
 class RunLog:

@@ -13,6 +13,7 @@ import contextlib
 import torch
 
 from .. import NUM_CLASSES
+from ..anatomy.postprocess import BODY
 from .losses import SegLoss, critic_loss, generator_adv_loss, one_hot
 from .selftrain import SelfTraining, body_absence_loss, body_presence_loss
 
@@ -99,15 +100,18 @@ def adversary_from_config(critic: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 class GeneratorStep:
-    """Supervised CE + Dice on the labelled batch; with an adversary, critic update(s) first."""
+    """Supervised CE + Dice on the labelled batch (plus ``labelled_no_body_weight`` x :func:`body_absence_loss` on
+    its slices whose reference holds no body, over ``body_area_mm2``); with an adversary, critic update(s) first."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, seg_loss: SegLoss,
                  scaler: torch.amp.GradScaler, device: torch.device, amp_dtype: torch.dtype | None,
                  adversary: Adversary | None = None,
-                 domain: DomainAdversary | None = None, self_training: SelfTraining | None = None):
+                 domain: DomainAdversary | None = None, self_training: SelfTraining | None = None,
+                 labelled_no_body_weight: float = 0.0, body_area_mm2: float = 300.0):
         self.model, self.optimizer, self.seg_loss, self.scaler = model, optimizer, seg_loss, scaler
         self.device, self.amp_dtype, self.adversary, self.domain = device, amp_dtype, adversary, domain
         self.self_training = self_training
+        self.labelled_no_body_weight, self.body_area_mm2 = labelled_no_body_weight, body_area_mm2
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -117,12 +121,14 @@ class GeneratorStep:
     def __call__(self, image: torch.Tensor, labels: torch.Tensor, adversarial: bool,
                  unlabeled: torch.Tensor | None = None, unlabeled_spacing: torch.Tensor | None = None,
                  unlabeled_no_body: torch.Tensor | None = None, unlabeled_weak: torch.Tensor | None = None,
-                 critics_only: bool = False, unlabeled_has_body: torch.Tensor | None = None) -> dict:
+                 critics_only: bool = False, unlabeled_has_body: torch.Tensor | None = None,
+                 spacing: torch.Tensor | None = None) -> dict:
         """One update. ``unlabeled``: a batch of real slices (pixel spacing ``unlabeled_spacing``, (B, 2) mm) for
         domain adaptation and / or self-training (None: neither term); ``unlabeled_no_body`` (B,): those known to
         hold no vertebral body; ``unlabeled_weak``: the same slices without intensity augmentation, that
         self-training reads its targets from (None: from ``unlabeled`` itself); ``unlabeled_has_body`` (B,): those
-        known to hold a body (the self-training's body term). ``critics_only``: update the
+        known to hold a body (the self-training's body term). ``spacing`` (B, 2) mm: the labelled slices' pixel spacing
+        (needed by the labelled no-body term). ``critics_only``: update the
         critics on the generator's present output and leave the generator as it is (``train.critic_warmup_steps``)."""
         logs = {}
         if adversarial:
@@ -140,6 +146,13 @@ class GeneratorStep:
             logits = self.model(image)
         loss = self.seg_loss(logits, labels)
         logs["loss_seg"] = float(loss.detach())
+        if self.labelled_no_body_weight:
+            if spacing is None:
+                raise ValueError("the labelled no-body term needs the labelled slices' pixel spacing")
+            without_body = ~(labels == BODY).flatten(1).any(1)
+            absent = body_absence_loss(logits, spacing, without_body, self.body_area_mm2)
+            logs["loss_no_body_labelled"] = float(absent.detach())
+            loss = loss + self.labelled_no_body_weight * absent
         probs = torch.softmax(logits.float(), 1)
         if adversarial:
             adv = self.adversary.generator_loss(image, probs)
