@@ -7,7 +7,9 @@ in-phase; `--unlabeled-no-body` slices left out, as the change term leaves them 
 training augmentation (`--augment PASSES`): the
 model's raw arg-max, the self-training target (`pseudo_labels`, confidence 0.9, change limit 0.05) and, for the
 accepted slices, the changed pixels counted by (raw class -> corrected class), with the area of the raw region each
-changed pixel belonged to (a speck or a piece). Writes JSON.
+changed pixel belonged to (a speck or a piece). Writes JSON. Raw regions are 4-connected here (SciPy's default),
+while the change term's area limit (`in_small_regions`) uses 8-connected ones: a diagonal chain of specks counts as
+several small regions here and as one there. The committed JSON files were written this way.
 """
 
 import argparse
@@ -24,7 +26,7 @@ from spineseg.data.augment import AugmentConfig
 from spineseg.data.dataset import make_loader
 from spineseg.preprocess.pipeline import PreprocessCache, PreprocessConfig
 from spineseg.train.config import resolve_config
-from spineseg.train.data import load_unlabeled, read_no_body_slices, unlabeled_cases
+from spineseg.train.data import load_unlabeled, read_slice_list, unlabeled_cases
 from spineseg.train.selftrain import IGNORE, pseudo_labels
 
 U = Path("../shared/realdata/axial-unlabeled")
@@ -44,7 +46,7 @@ def main() -> None:
     net = load_model(ck).eval()
     pp = PreprocessConfig(**ck["preprocess"])
     cases = unlabeled_cases(UNLABELED)
-    no_body = read_no_body_slices("results/dixon-disc/no_body_TUM01_inphase.csv", cases)
+    no_body = read_slice_list("results/dixon-disc/no_body_TUM01_inphase.csv", cases)
     recs = load_unlabeled(cases, 0.6875, pp, PreprocessCache(None), False)
     recs = [r for r in recs if (r.case_id, r.index) not in no_body]
     if a.augment:

@@ -93,11 +93,11 @@ def unlabeled_cases(paths: list[str | Path]) -> list[Case]:
     return [Case(f"{case_stem(p)}", Path(p), None, f"unlabeled:{case_stem(p)}") for p in inputs]
 
 
-def read_no_body_slices(path: str | Path, cases: list[Case], flag: str = "--unlabeled-no-body") -> set[tuple[str, int]]:
-    """``train --unlabeled-no-body``: a CSV with columns ``image`` (an unlabelled image's file name, or its name
-    without extension) and ``slice`` (0-based, in the order ``spineseg sanity`` numbers them) naming slices
-    known to hold no vertebral body (disc level). Returns ``{(case id, slice)}``. ``train --unlabeled-body``
-    (``flag``) names slices known to hold one, in the same format."""
+def read_slice_list(path: str | Path, cases: list[Case], flag: str = "--unlabeled-no-body") -> set[tuple[str, int]]:
+    """A slice list of ``train --unlabeled-no-body`` or ``--unlabeled-body`` (``flag``, named in errors): a CSV with
+    columns ``image`` (an unlabelled image's file name, or its name without extension) and ``slice`` (0-based, in
+    the order ``spineseg sanity`` numbers them), naming slices known to hold no vertebral body (disc level) or known
+    to hold one. Returns ``{(case id, slice)}``."""
     import csv
 
     from ..io.images import case_stem
@@ -128,7 +128,7 @@ def load_unlabeled(cases: list[Case], spacing: float | None, pp: PreprocessConfi
                    no_body_source: str | Path | None = None, body: set[tuple[str, int]] | None = None,
                    body_source: str | Path | None = None) -> list[SliceRecord]:
     """Preprocessed slices of the unlabelled real images; empty slices are left out with a warning.
-    ``no_body``: ``{(case id, slice)}`` known to hold no vertebral body (see ``read_no_body_slices``); ``body``:
+    ``no_body``: ``{(case id, slice)}`` known to hold no vertebral body (see ``read_slice_list``); ``body``:
     those known to hold one."""
     recs = prepare_slices(cases, pp, cache, spacing=spacing, progress=progress, skip_empty=True)
     if not recs:

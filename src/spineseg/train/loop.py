@@ -44,7 +44,7 @@ from ..precision import dtype_name, training_autocast_dtype
 from ..preprocess.pipeline import PreprocessCache, PreprocessConfig
 from ..progress import progress as progress_bar
 from .config import EXTENDABLE, config_differences, describe_value, resolve_config, validate_config
-from .data import (dataset_fingerprint, load_training_data, load_unlabeled, read_no_body_slices, resolve_splits,
+from .data import (dataset_fingerprint, load_training_data, load_unlabeled, read_slice_list, resolve_splits,
                    training_cases, unlabeled_cases)
 from .distributed import current as current_ranks, rank_seed
 from .losses import seg_loss_from_config
@@ -245,9 +245,9 @@ class Trainer:
                                 "so they would be ignored")
         cases = unlabeled_cases(run["unlabeled"])
         no_body_csv = run.get("unlabeled_no_body")
-        no_body = read_no_body_slices(no_body_csv, cases) if no_body_csv else None
+        no_body = read_slice_list(no_body_csv, cases) if no_body_csv else None
         body_csv = run.get("unlabeled_body")
-        body = read_no_body_slices(body_csv, cases, "--unlabeled-body") if body_csv else None
+        body = read_slice_list(body_csv, cases, "--unlabeled-body") if body_csv else None
         fingerprint = dataset_fingerprint(cases)
         if no_body_csv:  # the slice list is part of what the run learns from
             fingerprint = hashlib.sha1((fingerprint + repr(sorted(no_body))).encode()).hexdigest()
