@@ -9,7 +9,8 @@ failure the phantom test shows (the disc labelled as body) without any hand labe
     # 1. each slice's level, from one reference model's body region on the water image
     python results/dixon-disc/dixon_levels.py levels --model MODEL --out results/dixon-disc/levels.csv
     # 2. the disc-level slices of the training volume (TUM01) as a --unlabeled-no-body list (`body`: the
-    #    vertebra-level slices, as a --unlabeled-body list)
+    #    vertebra-level slices, as a --unlabeled-body list; `body --core`: only those whose neighbours are both
+    #    vertebra-level too, away from the end plates)
     python results/dixon-disc/dixon_levels.py no-body --levels results/dixon-disc/levels.csv \
         --subjects TUM01 [--kinds water fat inphase] --out results/dixon-disc/no_body_TUM01.csv
     # 3. how often a model labels a disc as body, and finds the body at vertebral levels
@@ -99,8 +100,12 @@ def body(a) -> None:
 
 def _slice_list(a, level: str) -> None:
     """The slices of ``level`` of a.subjects, for each of a.kinds, as a train --unlabeled-no-body / --unlabeled-body
-    CSV."""
-    rows = [r for r in _read_levels(a.levels) if r["subject"] in a.subjects and r["level"] == level]
+    CSV; with ``a.core``, only those whose two neighbouring slices are of ``level`` too."""
+    every = _read_levels(a.levels)
+    at = {(r["subject"], int(r["slice"])): r["level"] for r in every}
+    rows = [r for r in every if r["subject"] in a.subjects and r["level"] == level]
+    if getattr(a, "core", False):
+        rows = [r for r in rows if all(at.get((r["subject"], int(r["slice"]) + d)) == level for d in (-1, 1))]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     names = {"water": "{}_water_img_img_L2-L5.nii.gz", "fat": "{}_fat_img_img_L2-L5.nii.gz",
              "inphase": "{}_inphase_L2-L5.nii.gz"}
@@ -199,6 +204,9 @@ def main() -> None:
         p.add_argument("--kinds", nargs="+", choices=["water", "fat", "inphase"], default=["water", "fat"],
                        help="which images of each subject the list names (in-phase: dixon_inphase.py's file names)")
         p.add_argument("--out", type=Path, required=True)
+        if name == "body":
+            p.add_argument("--core", action="store_true",
+                           help="only slices whose two neighbours are vertebra-level too (no end-plate slices)")
         p.set_defaults(func=func)
     p = sub.add_parser("score")
     p.add_argument("--model", required=True)
