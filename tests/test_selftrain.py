@@ -19,6 +19,11 @@ def truth():  # a pedicle-level slice (position share 1 on pedicle): body, canal
     return s.label.astype(np.int64)
 
 
+def _tiny_overrides() -> dict:
+    """Config overrides for a seconds-long training run on the small phantom (a fresh dict each call)."""
+    return {"preprocess": {"target_size": 64}, "model": {"base": 4}, "train": {"batch_size": 4, "max_minutes": None}}
+
+
 def _probs(labels: np.ndarray, confidence: float = 0.95) -> torch.Tensor:
     """Softmax-like maps whose arg-max is ``labels`` with the given confidence."""
     one = F.one_hot(torch.from_numpy(labels), NUM_CLASSES).permute(0, 3, 1, 2).double()
@@ -213,7 +218,7 @@ def test_a_run_passes_the_change_weight_to_self_training_and_refuses_it_without(
     from spineseg.errors import SpinesegError
     from spineseg.train.loop import Trainer
 
-    tiny = {"preprocess": {"target_size": 64}, "model": {"base": 4}, "train": {"batch_size": 4, "max_minutes": None}}
+    tiny = _tiny_overrides()
     kw = dict(overrides=tiny, progress=False, cache=tmp_path / "cache", unlabeled=[small_phantom / "imagesTr"])
     t = Trainer(small_phantom, "unet", tmp_path / "on", **kw,
                 sets={"train": {"epochs": 1, "pseudo_weight": 1.0, "pseudo_change_weight": 0.25,
@@ -321,7 +326,7 @@ def test_the_random_convolution_reaches_labelled_slices_and_not_unlabelled_ones(
     from spineseg.data.dataset import make_loader
     from spineseg.train.loop import Trainer
 
-    tiny = {"preprocess": {"target_size": 64}, "model": {"base": 4}, "train": {"batch_size": 4, "max_minutes": None}}
+    tiny = _tiny_overrides()
     kw = dict(overrides=tiny, progress=False, cache=tmp_path / "cache", unlabeled=[small_phantom / "imagesTr"])
     runs = {}
     for p in (0.0, 1.0):
@@ -391,7 +396,7 @@ def test_a_run_takes_a_body_list_only_with_its_weight_and_never_a_slice_listed_b
         return original(logits, spacing, has_body, area)
 
     monkeypatch.setattr(steps, "body_presence_loss", spy)
-    tiny = {"preprocess": {"target_size": 64}, "model": {"base": 4}, "train": {"batch_size": 4, "max_minutes": None}}
+    tiny = _tiny_overrides()
     kw = dict(overrides=tiny, progress=False, cache=tmp_path / "cache", unlabeled=[small_phantom / "imagesTr"])
     on = {"train": {"epochs": 1, "pseudo_weight": 1.0, "domain_batch_size": 16, "body_label_weight": 0.5,
                     "body_label_area_mm2": 150.0}}
@@ -460,7 +465,7 @@ def test_a_run_passes_the_no_body_weight_and_refuses_it_without_the_list(small_p
         return original(logits, spacing, no_body, area)
 
     monkeypatch.setattr(steps, "body_absence_loss", spy)
-    tiny = {"preprocess": {"target_size": 64}, "model": {"base": 4}, "train": {"batch_size": 4, "max_minutes": None}}
+    tiny = _tiny_overrides()
     kw = dict(overrides=tiny, progress=False, cache=tmp_path / "cache", unlabeled=[small_phantom / "imagesTr"])
     on = {"train": {"epochs": 1, "pseudo_weight": 1.0, "domain_batch_size": 16, "no_body_label_weight": 0.5}}
     t = Trainer(small_phantom, "unet", tmp_path / "nb", sets=on, unlabeled_no_body=no_body_csv, **kw)
@@ -527,7 +532,7 @@ def test_a_run_passes_the_labelled_no_body_weight_and_the_slices_spacing(small_p
         return original(logits, spacing, no_body, area)
 
     monkeypatch.setattr(steps, "body_absence_loss", spy)
-    tiny = {"preprocess": {"target_size": 64}, "model": {"base": 4}, "train": {"batch_size": 4, "max_minutes": None}}
+    tiny = _tiny_overrides()
     on = {"train": {"epochs": 1, "labelled_no_body_weight": 0.5, "body_label_area_mm2": 150.0}}
     t = Trainer(small_phantom, "unet", tmp_path / "lnb", sets=on, overrides=tiny, progress=False,
                 cache=tmp_path / "cache")

@@ -133,18 +133,19 @@ def load_unlabeled(cases: list[Case], spacing: float | None, pp: PreprocessConfi
     recs = prepare_slices(cases, pp, cache, spacing=spacing, progress=progress, skip_empty=True)
     if not recs:
         raise SpinesegError("the unlabelled images hold no slice with image content", cases[0].image)
+    no_body, body = no_body or set(), body or set()
     present = {(r.case_id, r.index) for r in recs}
     for listed, flag, source in ((no_body, "--unlabeled-no-body", no_body_source), (body, "--unlabeled-body", body_source)):
-        missing = sorted((listed or set()) - present)
+        missing = sorted(listed - present)
         if missing:
             case, index = missing[0]
             raise SpinesegError(f"slice {index} of {case} does not exist or has no image content ({flag})", source)
-    both = sorted((body or set()) & (no_body or set()))
+    both = sorted(body & no_body)
     if both:
         case, index = both[0]
         raise SpinesegError(f"slice {index} of {case} is listed both as holding a body and as holding none "
                             "(--unlabeled-body and --unlabeled-no-body)", body_source)
     for r in recs:
-        r.no_body = (r.case_id, r.index) in (no_body or set())
-        r.has_body = (r.case_id, r.index) in (body or set())
+        r.no_body = (r.case_id, r.index) in no_body
+        r.has_body = (r.case_id, r.index) in body
     return recs

@@ -136,13 +136,15 @@ def _slice_label_loss(logits, spacing, flags, area_mm2: float, present: bool) ->
         return logits.sum() * 0.0
     log_probs = torch.log_softmax(logits.float(), 1)
     log_body = log_probs[:, BODY].flatten(1)
-    # log(1 - p(body)), computed from the other classes' log-probabilities (stable where p(body) is near 1)
-    log_not_body = torch.logsumexp(torch.cat([log_probs[:, :BODY], log_probs[:, BODY + 1:]], 1), 1).flatten(1)
+    # the slice's target: log p(body), or log(1 - p(body)) computed from the other classes' log-probabilities
+    # (stable where p(body) is near 1)
+    target = log_body if present else \
+        torch.logsumexp(torch.cat([log_probs[:, :BODY], log_probs[:, BODY + 1:]], 1), 1).flatten(1)
     terms = []
     for b in torch.nonzero(flagged).flatten().tolist():
         k = max(1, min(log_body.shape[1], round(area_mm2 / (float(spacing[b][0]) * float(spacing[b][1])))))
         top = log_body[b].topk(k).indices  # the most body-like pixels
-        terms.append(-(log_body[b, top] if present else log_not_body[b, top]).mean())
+        terms.append(-target[b, top].mean())
     return torch.stack(terms).mean()
 
 
