@@ -86,8 +86,14 @@ def levels(a) -> None:
 
 
 def _read_levels(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise SystemExit(f"dixon_levels.py: error: {path}: no such levels file (write one with the 'levels' command)")
     with open(path, newline="") as fh:
-        return list(csv.DictReader(line for line in fh if not line.startswith("#")))
+        rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
+    missing = {"subject", "slice", "level"} - set(rows[0] if rows else ())
+    if missing:
+        raise SystemExit(f"dixon_levels.py: error: {path}: not a levels file (no rows, or no column {sorted(missing)})")
+    return rows
 
 
 def no_body(a) -> None:
