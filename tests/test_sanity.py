@@ -9,9 +9,9 @@ from scipy import ndimage as ndi
 
 from spineseg.cli import main
 from spineseg.data.phantom import phantom_slice
-from spineseg.anatomy.order import check_slice
+from spineseg.anatomy.order import MIDLINE_MM, check_slice, midline_distance
 from spineseg.models.checkpoint import resolve_checkpoint
-from spineseg.eval.sanity import check_image, display_to_world, plane_to_world, run_sanity
+from spineseg.eval.sanity import check_image, display_to_world, montage, plane_to_world, run_sanity
 from spineseg.io.images import _LPS_TO_RAS, Image, read_image, read_label, save_nifti, save_png, slice_affine
 
 # the slices these tests were written for (the same seeds under the older position mix), each with a body
@@ -75,6 +75,54 @@ def test_one_sided_lamina_is_not_both_laminae():
     r = check_slice(_one_sided(s.label), plane)
     assert r["order"] and not r["both_laminae"]  # order holds; the missing lamina is its own finding
     assert r["lamina_right_mm2"] < 0.1 * r["lamina_left_mm2"]  # the image-left half is the patient's right
+
+
+def _half_body(label):
+    """The body's image-right half removed (a partial body, as on some real disc-level slices)."""
+    out = label.copy()
+    rows, cols = np.nonzero(label == BODY)
+    cut = np.median(cols)
+    out[rows[cols > cut], cols[cols > cut]] = 0
+    return out
+
+
+def test_the_drawn_midline_is_the_axis_the_lamina_sides_are_counted_by():
+    s, plane = _truth()
+    label = _half_body(s.label)  # the half body's centroid tilts the body-canal axis
+    r = check_slice(label, plane)
+    d = midline_distance(label, plane)
+    px_mm2 = float(np.prod(s.spacing))
+    lamina = label == LAMINA
+    assert (d[lamina] < -MIDLINE_MM).sum() * px_mm2 == pytest.approx(r["lamina_left_mm2"], abs=0.05)
+    assert (d[lamina] > MIDLINE_MM).sum() * px_mm2 == pytest.approx(r["lamina_right_mm2"], abs=0.05)
+    assert r["lamina_right_mm2"] > 1.5 * r["lamina_left_mm2"]  # the tilt moves lamina to the patient's right ...
+    full = check_slice(s.label, plane)
+    sides = sorted((full["lamina_left_mm2"], full["lamina_right_mm2"]))
+    assert sides[0] > 0.75 * sides[1]  # ... where with the whole body the sides are near even
+    assert abs(d[label == CANAL].mean()) < 1e-6  # the line passes through the canal's centre
+    assert np.ptp(d[:, 80]) > 10.0  # and is tilted: not a column of the grid
+    assert midline_distance(np.where(label == CANAL, 0, label), plane) is None
+
+
+def test_montage_draws_the_midline_only_where_both_laminae_are_not_found(tmp_path):
+    from matplotlib.image import imread
+
+    s, plane = _truth()
+    one_sided = _one_sided(s.label)
+    pngs = {}
+    for name, label in (("both", s.label), ("one", one_sided)):
+        row = check_slice(label, plane)
+        row = {**{f"{k}_raw": v for k, v in row.items()}, **{f"{k}_post": v for k, v in row.items()}}
+        panel = {"image": s.image, "raw": label, "post": label, "spacing": s.spacing, "row": row, "label": name}
+        for with_plane in (False, True):
+            path = tmp_path / f"{name}_{with_plane}.png"
+            montage([{**panel, "plane": plane} if with_plane else panel], path, name)
+            pngs[name, with_plane] = imread(path)[..., :3]
+    assert np.array_equal(pngs["both", False], pngs["both", True])  # both laminae found: no line
+    drawn = np.abs(pngs["one", True] - pngs["one", False]).sum(-1) > 0.1
+    assert drawn.sum() > 30
+    yellow = pngs["one", True][drawn]
+    assert (yellow[:, 2] < 0.5 * yellow[:, 0]).mean() > 0.5  # the changed pixels are yellow-ish
 
 
 def test_split_body_or_canal_fails_on_raw_and_is_reported_beside_post():

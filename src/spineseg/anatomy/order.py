@@ -93,16 +93,35 @@ def _canal_between(body: np.ndarray, canal: np.ndarray, lamina: np.ndarray) -> b
     return 0.0 < t < 1.0 and off < CANAL_OFF_AXIS
 
 
-def _lamina_sides(lamina: np.ndarray, plane: np.ndarray, body, canal, px_mm2: float) -> tuple[float, float]:
-    """Lamina area (mm^2) on the patient's left and right of the midline axis (0, 0 without canal)."""
-    if canal is None or not lamina.any():
-        return 0.0, 0.0
+def _lateral_axis(plane: np.ndarray, body, canal) -> np.ndarray:
+    """Unit world vector pointing to the patient's right, across the midline axis (body -> canal, or anterior)."""
     normal = np.cross(plane[:, 0], plane[:, 1])
     normal /= np.linalg.norm(normal)
     axis = (body - canal) if body is not None else ANTERIOR - np.dot(ANTERIOR, normal) * normal
     axis = axis - np.dot(axis, normal) * normal
     lateral = np.cross(normal, axis)
     lateral /= max(np.linalg.norm(lateral), 1e-9)
-    lateral *= np.sign(np.dot(lateral, PATIENT_RIGHT)) or 1.0
-    d = (_world_points(lamina, plane) - canal) @ lateral
+    return lateral * (np.sign(np.dot(lateral, PATIENT_RIGHT)) or 1.0)
+
+
+def _lamina_sides(lamina: np.ndarray, plane: np.ndarray, body, canal, px_mm2: float) -> tuple[float, float]:
+    """Lamina area (mm^2) on the patient's left and right of the midline axis (0, 0 without canal)."""
+    if canal is None or not lamina.any():
+        return 0.0, 0.0
+    d = (_world_points(lamina, plane) - canal) @ _lateral_axis(plane, body, canal)
     return float((d < -MIDLINE_MM).sum() * px_mm2), float((d > MIDLINE_MM).sum() * px_mm2)
+
+
+def midline_distance(labels: np.ndarray, plane: np.ndarray) -> np.ndarray | None:
+    """Signed distance (mm, positive to the patient's right) of every pixel from the midline axis by which
+    :func:`check_slice` splits the laminae into left and right; ``None`` when the slice has no canal.
+
+    Its zero level is the axis the sanity montages draw on a slice whose laminae are not both found.
+    """
+    body, canal = labels == 1, labels == 2  # the first two of STRUCTURES
+    if not canal.any():
+        return None
+    centre = {name: _world_points(m, plane).mean(0) for name, m in (("body", body), ("canal", canal)) if m.any()}
+    grid = np.ones(labels.shape, bool)
+    d = (_world_points(grid, plane) - centre["canal"]) @ _lateral_axis(plane, centre.get("body"), centre["canal"])
+    return d.reshape(labels.shape)

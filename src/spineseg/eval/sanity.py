@@ -19,7 +19,7 @@ import numpy as np
 from nibabel import orientations as nio
 
 from .. import STRUCTURES
-from ..anatomy.order import DISPLAY_TO_GRID, SHORT, check_slice
+from ..anatomy.order import DISPLAY_TO_GRID, SHORT, check_slice, midline_distance
 from ..errors import SpinesegError
 from ..io.atomic import atomic_path, atomic_write_text
 from ..io.images import case_stem, read_images, slice_affine, stack_output_name
@@ -135,10 +135,14 @@ def montage(panels: list[dict], path: str | Path, title: str, ncols: int = 6) ->
                 if m.any():
                     ax.contour(m, levels=[0.5], colors=[colour], linestyles=[style], linewidths=width)
         r = p["row"]
+        d = midline_distance(p["post"], p["plane"]) if "plane" in p and not r["both_laminae_post"] else None
+        if d is not None:  # the axis the lamina sides were split by, where they were not both found
+            ax.contour(d[sl], levels=[0.0], colors=["yellow"], linestyles=[(0, (1, 1.5))], linewidths=1.0)
         ax.set_title(f"{p['label']}\nraw {_verdict(r, 'raw')} | post {_verdict(r, 'post')}", fontsize=7,
                      color="black" if r["order_post"] else "red")
     fig.suptitle(f"{title}\nsolid: post-processed, dashed: raw; body blue, canal green, lamina orange; "
-                 "FAIL = order rule fails, 1L = both laminae not found", fontsize=8)
+                 "FAIL = order rule fails, 1L = both laminae not found\n"
+                 "dotted yellow (post 1L): the body-canal midline the lamina sides are split by", fontsize=8)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
@@ -187,7 +191,7 @@ def run_sanity(predictor, inputs, out, spacing: float | None = None, slices: tup
                     label = (source if img.num_slices == 1 else f"slice {row['slice']}" if len(files) == 1
                              else f"{source} [{row['slice']}]")
                     panels.append({"image": part.data[j], "raw": raw[j], "post": post[j], "spacing": img.spacing,
-                                   "row": row, "label": label})
+                                   "plane": plane_to_world(img, row["slice"]), "row": row, "label": label})
         per_input[name] = summarise(rows)
         path = out / f"montage_{name}.png"
         montage(panels, path, summary_line(name, per_input[name]))
