@@ -147,3 +147,65 @@ def test_compare_cli_takes_patients_from_a_cases_file(tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", *runs, "--out", str(tmp_path / "cmp3"), "--patients", str(tmp_path / "nope.csv")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def _empty_body_runs():
+    """6 patients x 4 slices, the truth without a body on slice 3 of each case; A draws a false body there
+    (Dice 0, no HD), B draws none. Slice 2 of each case is empty of body in truth and in both models."""
+    runs = []
+    for name in ("A", "B"):
+        rows = []
+        for i in range(6):
+            for k in range(4):
+                for s in STRUCTURES:
+                    r = {"case": f"c{i}", "patient": f"P{i}", "fold": "", "slice": k, "structure": s, "dice": 0.9,
+                         "iou": 0.8, "ppv": 0.9, "sensitivity": 0.9, "hd": 1.0, "hd95": 1.0, "absent_both": False}
+                    if s == "vertebral_body" and (k == 2 or (k == 3 and name == "B")):
+                        r.update(absent_both=True, dice=None, iou=None, ppv=None, sensitivity=None, hd=None, hd95=None)
+                    elif s == "vertebral_body" and k == 3:  # A's false body
+                        r.update(dice=0.0, iou=0.0, ppv=0.0, sensitivity=None, hd=None, hd95=None)
+                    rows.append(r)
+        runs.append((name, rows))
+    return runs
+
+
+def test_a_false_body_on_an_empty_slice_counts_against_its_model_and_keeps_the_slice():
+    res = compare_runs(_empty_body_runs(), reference="B")
+    a, b = res["cells"][("A", "vertebral_body", "dice")], res["cells"][("B", "vertebral_body", "dice")]
+    assert a["n_slices"] == b["n_slices"] == 18  # slices 0, 1, 3 of 6 cases; slice 2 is empty everywhere
+    assert b["mean"] == pytest.approx(0.9 * 2 / 3 + 1 / 3) and a["mean"] == pytest.approx(0.9 * 2 / 3)
+    assert b.get("best") and not a.get("best")
+    assert a["n_nonzero_pairs"] == 6 and a["mean_diff"] < 0
+    col = res["columns"][("vertebral_body", "dice")]
+    assert col["left_out"] == 0 and col["empty_in_every_model"] == 6
+    hd = res["columns"][("vertebral_body", "hd95")]
+    assert hd["n_slices"] == 12 and hd["left_out"] == 6  # no HD95 for A's false body: those slices leave HD95
+    miou_a, miou_b = (res["cells"][(n,) + MEAN_IOU]["mean"] for n in "AB")
+    assert miou_a < miou_b
+
+
+def test_the_table_mean_is_over_the_units_the_test_pairs():
+    # one patient with 60 slices where A is better; nine patients with 2 slices each where A is worse
+    patients = ["P0"] * 60 + [f"P{1 + i // 2}" for i in range(18)]
+    a = np.array([0.95] * 60 + [0.70] * 18)
+    b = np.array([0.85] * 60 + [0.75 + 0.001 * i for i in range(18)])
+    runs = [("A", _rows(a, patients)), ("B", _rows(b, patients))]
+    res = compare_runs(runs, reference="B", correction="none")
+    cell = res["cells"][("A", "lamina", "dice")]
+    pm = lambda v: np.array([v[np.array(patients) == p].mean() for p in sorted(set(patients))])  # noqa: E731
+    assert cell["mean"] == pytest.approx(pm(a).mean()) and cell["std"] == pytest.approx(pm(a).std())
+    assert cell["slice_mean"] == pytest.approx(a.mean()) and cell["slice_mean"] > res["cells"][("B", "lamina", "dice")]["slice_mean"]
+    assert res["cells"][("B", "lamina", "dice")].get("best")  # B is better per patient, as the test says
+    assert cell["mean_diff"] < 0
+    assert "Mean ± std over per-patient means" in render_tables(res)["md"]
+    per_slice = compare_runs(runs, reference="B", pairing="slice", correction="none")
+    assert per_slice["cells"][("A", "lamina", "dice")]["mean"] == pytest.approx(a.mean())
+    assert per_slice["cells"][("A", "lamina", "dice")].get("best")
+
+
+def test_a_difference_without_spread_gives_no_t_test_p_value():
+    x = np.array([0.7, 0.8, 0.75])
+    t = paired_tests(x + 0.01, x)
+    assert t["p_ttest"] is None and t["p_wilcoxon"] == pytest.approx(0.25) and t["n_nonzero_pairs"] == 3
+    t = paired_tests(np.r_[x, x + 0.5], np.r_[x, x])  # three zero differences are dropped by Wilcoxon
+    assert t["n_pairs"] == 6 and t["n_nonzero_pairs"] == 3

@@ -8,7 +8,13 @@ Folders sharing a name are folds of one model and are pooled (their rows carry d
   (per slice: the mean over the structures that are not absent from both prediction and truth).
 - **Same pairs for means and p-values.** A (fold, case, slice) enters a column only where every run
   has a value there (an HD missing in one run leaves that slice out of that column for all runs).
+- **Empty slices stay in.** Where the truth has no such structure, a run that draws none there is right:
+  it scores 1 for Dice, IoU and PPV whenever another run draws one there (which scores 0), so a false
+  positive on an empty slice counts against its run instead of dropping the slice for all. A slice that
+  every run leaves empty carries no comparison and stays out; HD95 has no value on such slices.
 - **Pairing.** Tests pair runs on per-patient means of those slices (default), or per slice (option).
+  The table's mean ± std is over the same units the test pairs (patient means, or slices), so the bold
+  "best" and the star describe one quantity.
   Patients come from the ``patient`` column, else from a ``cases.csv`` map, else each case is its
   own patient (and the tables say so).
 - **A table** is one ``compare`` call: Holm's correction runs over all its tests, i.e. every run other
@@ -98,28 +104,50 @@ def _slice_key(r: dict) -> tuple[str, str, str]:
     return (str(r.get("fold", "")), r["case"], str(r["slice"]))
 
 
-def column_values(rows: list[dict], column: tuple[str, str]) -> dict[tuple, float | None]:
-    """``{(fold, case, slice): value}`` of one column; ``None`` where the value is missing or skipped."""
+EMPTY_AGREES = {"dice", "iou", "ppv"}  # metrics where a structure absent from truth and prediction is a full match
+
+
+def drawn_somewhere(runs: list[tuple[str, list[dict]]]) -> set[tuple]:
+    """``(fold, case, slice, structure)`` where at least one run's truth or prediction holds the structure."""
+    return {_slice_key(r) + (r["structure"],) for _, rows in runs for r in rows if not r["absent_both"]}
+
+
+def column_values(rows: list[dict], column: tuple[str, str], drawn: set[tuple] | None = None) -> dict[tuple, float | None]:
+    """``{(fold, case, slice): value}`` of one column; ``None`` where the value is missing or skipped.
+
+    ``drawn`` (:func:`drawn_somewhere` over all compared runs): where a structure is absent from this run's
+    truth and prediction but another run draws it, Dice / IoU / PPV are 1 here instead of missing.
+    """
     structure, metric = column
+    drawn = drawn or set()
+
+    def value(r, m):
+        if not r["absent_both"]:
+            return r[m]
+        return 1.0 if m in EMPTY_AGREES and _slice_key(r) + (r["structure"],) in drawn else None
+
     if column == MEAN_IOU:
         ious: dict[tuple, list] = {}
         for r in rows:
             ious.setdefault(_slice_key(r), [])
-            if not r["absent_both"] and r["iou"] is not None:
-                ious[_slice_key(r)].append(r["iou"])
+            v = value(r, "iou")
+            if v is not None:
+                ious[_slice_key(r)].append(v)
         return {k: (float(np.mean(v)) if v else None) for k, v in ious.items()}
-    return {_slice_key(r): (None if r["absent_both"] else r[metric]) for r in rows if r["structure"] == structure}
+    return {_slice_key(r): value(r, metric) for r in rows if r["structure"] == structure}
 
 
 # ----------------------------------------------------------------------------------------------- statistics
 
 def paired_tests(x: np.ndarray, y: np.ndarray) -> dict:
     """Two-sided paired t-test and Wilcoxon signed-rank test of ``x`` against ``y``."""
-    out = {"n_pairs": int(len(x)), "mean_diff": float(np.mean(x - y)) if len(x) else None,
-           "p_ttest": None, "p_wilcoxon": None}
-    if len(x) >= 2 and np.any(x != y):
-        out["p_ttest"] = float(stats.ttest_rel(x, y).pvalue)
-        out["p_wilcoxon"] = float(stats.wilcoxon(x, y).pvalue)
+    d = np.asarray(x, float) - np.asarray(y, float)
+    out = {"n_pairs": int(len(x)), "n_nonzero_pairs": int(np.count_nonzero(d)),
+           "mean_diff": float(np.mean(d)) if len(x) else None, "p_ttest": None, "p_wilcoxon": None}
+    if len(x) >= 2 and np.any(d != 0):
+        # the t statistic is undefined when every pair differs by the same amount (no spread): no p-value
+        out["p_ttest"] = None if np.ptp(d) <= 1e-12 * max(1.0, float(np.abs(d).max())) else float(stats.ttest_rel(x, y).pvalue)
+        out["p_wilcoxon"] = float(stats.wilcoxon(x, y).pvalue)  # zero differences are dropped (n_nonzero_pairs)
         out = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in out.items()}
     elif len(x) >= 2:  # identical values: no evidence of a difference
         out["p_ttest"] = out["p_wilcoxon"] = 1.0
@@ -172,8 +200,9 @@ def compare_runs(runs: list[tuple[str, list[dict]]], reference: str | None = Non
            "n_patients": len(set(patient_of.values())), "n_folds": len({k[0] for k in all_keys}),
            "columns": {}, "cells": {}}
     family = []
+    drawn = drawn_somewhere(runs)
     for col in COLUMNS:
-        values = {n: column_values(by_name[n], col) for n in names}
+        values = {n: column_values(by_name[n], col, drawn) for n in names}
         for n in names:
             if set(values[n]) != set(values[ref]):
                 only = sorted(set(values[n]) ^ set(values[ref]))[:3]
@@ -181,13 +210,19 @@ def compare_runs(runs: list[tuple[str, list[dict]]], reference: str | None = Non
         common = sorted(k for k in values[ref] if all(values[n][k] is not None for n in names))
         groups = [patient_of[k] for k in common]
         folds = [k[0] for k in common]
+        empty = sum((all(values[n][k] is None for n in names) if col == MEAN_IOU else k + (col[0],) not in drawn)
+                    for k in values[ref])  # slices on which no model's truth or prediction holds the structure
         res["columns"][col] = {"n_slices": len(common), "n_patients": len(set(groups)),
-                               "left_out": len(values[ref]) - len(common)}
+                               "left_out": len(values[ref]) - len(common) - empty, "empty_in_every_model": empty}
         arrays = {n: np.array([values[n][k] for k in common], float) for n in names}
         for n in names:
             v = arrays[n]
             fold_means = list(_group_means(v, folds).values())
-            cell = {"mean": float(v.mean()) if len(v) else None, "std": float(v.std()) if len(v) else None,
+            # the table's units are the test's units: patient means (default) or slices
+            units = np.array(list(_group_means(v, groups).values())) if pairing == "patient" else v
+            cell = {"mean": float(units.mean()) if len(units) else None,
+                    "std": float(units.std()) if len(units) else None,
+                    "slice_mean": float(v.mean()) if len(v) else None,
                     "n_slices": len(common), "n_patients": len(set(groups)), "n_folds": len(fold_means),
                     "fold_mean": float(np.mean(fold_means)) if len(fold_means) > 1 else None,
                     "fold_std": float(np.std(fold_means)) if len(fold_means) > 1 else None}
@@ -258,8 +293,9 @@ def table_note(res: dict, columns) -> str:
     """What the numbers of a table are: n patients / slices, spread, test, pairing, correction, left-out slices."""
     n_models = len(res["models"])
     folds = f", {res['n_folds']} folds pooled" if res["n_folds"] > 1 else ""
+    units = "per-patient means (each patient's mean over its slices)" if res["pairing"] == "patient" else "test slices"
     parts = [f"n = {res['n_patients']} patients, {res['n_slices']} test slices{folds}. "
-             f"Mean ± std over test slices; Dice, IoU, PPV in %, HD95 in mm. Bold: best per column."]
+             f"Mean ± std over {units}; Dice, IoU, PPV in %, HD95 in mm. Bold: best per column."]
     if n_models > 1:
         paired = (f"p-values are paired on per-patient means (each patient's mean over its slices; "
                   f"n = {res['n_patients']} pairs)" if res["pairing"] == "patient" else
@@ -270,11 +306,13 @@ def table_note(res: dict, columns) -> str:
         parts.append(f"*: p < {res['alpha']} against `{res['reference']}` ({TEST_NAMES[res['test']]}, {corr}); "
                      f"{paired}.")
     parts.append("Means and p-values use the same (patient, slice) pairs: a slice enters a column only where "
-                 "every model has a value.")
+                 "every model has a value. Where the truth lacks a structure, a model that draws none there scores "
+                 "1 in Dice, IoU and PPV if another model draws one (a false positive, 0); HD95 has no value there.")
     gaps = [f"{_column_name(c)}: {res['columns'][c]['n_slices']} slices"
             for c in columns if res["columns"][c]["left_out"]]
     if gaps:
-        parts.append("Fewer slices where a model missed a structure: " + "; ".join(gaps) + ".")
+        parts.append("Fewer slices where a model's value is undefined (HD95 with the structure in only one of "
+                     "truth and prediction): " + "; ".join(gaps) + ".")
     parts.append(f"Patients: {res['patients_from']}.")
     return " ".join(parts)
 
@@ -304,8 +342,8 @@ def _table(res, title: str, rows: list[str], columns, headers: list[str], spread
     return md + [""], tex
 
 
-CSV_COLUMNS = ("model", "structure", "metric", "mean", "std", "n_slices", "n_patients", "n_folds", "fold_mean",
-               "fold_std", "mean_diff", "n_pairs", "p_ttest", "p_wilcoxon", "p_ttest_adjusted", "p_wilcoxon_adjusted",
+CSV_COLUMNS = ("model", "structure", "metric", "mean", "std", "slice_mean", "n_slices", "n_patients", "n_folds",
+               "fold_mean", "fold_std", "mean_diff", "n_pairs", "n_nonzero_pairs", "p_ttest", "p_wilcoxon", "p_ttest_adjusted", "p_wilcoxon_adjusted",
                "significant", "best", "reference", "test", "pairing", "correction", "n_tests")
 
 
