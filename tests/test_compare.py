@@ -209,3 +209,12 @@ def test_a_difference_without_spread_gives_no_t_test_p_value():
     assert t["p_ttest"] is None and t["p_wilcoxon"] == pytest.approx(0.25) and t["n_nonzero_pairs"] == 3
     t = paired_tests(np.r_[x, x + 0.5], np.r_[x, x])  # three zero differences are dropped by Wilcoxon
     assert t["n_pairs"] == 6 and t["n_nonzero_pairs"] == 3
+
+
+def test_a_wilcoxon_table_that_cannot_mark_any_cell_says_so():
+    _, _, _, runs = _patient_runs()  # 4 patients: the smallest exact two-sided Wilcoxon p is 2 / 2**4 = 0.125
+    res = compare_runs(runs, reference="B", test="wilcoxon")
+    assert stats.wilcoxon([0.1, 0.2, 0.3, 0.4]).pvalue == pytest.approx(0.125)  # all four of one sign: the floor
+    assert all(c["p_wilcoxon"] >= 0.125 for (n, *_), c in res["cells"].items() if n == "A" and c["p_wilcoxon"])
+    assert "smallest possible two-sided Wilcoxon p is 0.12" in render_tables(res)["md"]
+    assert "smallest possible" not in render_tables(compare_runs(runs, reference="B"))["md"]  # the t-test can

@@ -154,6 +154,11 @@ def paired_tests(x: np.ndarray, y: np.ndarray) -> dict:
     return out
 
 
+def wilcoxon_floor(n_pairs: int) -> float:
+    """The smallest two-sided p the exact Wilcoxon signed-rank test can give with ``n_pairs`` nonzero pairs."""
+    return min(1.0, 2.0 / 2.0 ** n_pairs) if n_pairs > 0 else 1.0
+
+
 def holm(pvalues: list[float | None]) -> list[float | None]:
     """Holm-Bonferroni adjusted p-values (None entries are left out and kept as None)."""
     idx = [i for i, p in enumerate(pvalues) if p is not None]
@@ -305,6 +310,13 @@ def table_note(res: dict, columns) -> str:
                 f"{len(COLUMNS)} columns" if res["correction"] == "holm" else "not corrected for multiple tests")
         parts.append(f"*: p < {res['alpha']} against `{res['reference']}` ({TEST_NAMES[res['test']]}, {corr}); "
                      f"{paired}.")
+        n_pairs = res["n_patients"] if res["pairing"] == "patient" else res["n_slices"]
+        floor = wilcoxon_floor(n_pairs)
+        bound = res["alpha"] / max(res["n_tests"], 1) if res["correction"] == "holm" else res["alpha"]
+        if res["test"] == "wilcoxon" and floor >= bound:
+            parts.append(f"With {n_pairs} pairs the smallest possible two-sided Wilcoxon p is {floor:.2g}, not below "
+                         f"{bound:.2g} ({'α / number of tests, the first Holm step' if res['correction'] == 'holm' else 'α'}): "
+                         f"no cell of this table can be marked, whatever the data.")
     parts.append("Means and p-values use the same (patient, slice) pairs: a slice enters a column only where "
                  "every model has a value. Where the truth lacks a structure, a model that draws none there scores "
                  "1 in Dice, IoU and PPV if another model draws one (a false positive, 0); HD95 has no value there.")
