@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from spineseg.cli import main
 
 
@@ -95,3 +97,34 @@ def test_every_shipped_resource_is_in_the_package_data():
     assert any(r.startswith("configs/models/") for r in resources)
     missing = [r for r in resources if not any(fnmatch.fnmatchcase(r, g) and r.count("/") == g.count("/") for g in globs)]
     assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
+
+
+def _spacing_options():
+    """Every option whose name says it is a spacing, with the sub-command it belongs to."""
+    import argparse
+
+    from spineseg.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            for opt in action.option_strings:
+                if opt.endswith("spacing"):
+                    yield name, opt, action
+
+
+def test_every_spacing_option_takes_only_finite_millimetres_above_0(capsys):
+    from spineseg.cli import build_parser
+
+    options = list(_spacing_options())
+    assert {("predict", "--spacing"), ("info", "--spacing"), ("train", "--unlabeled-spacing")} <= \
+        {(c, o) for c, o, _ in options}
+    for command, opt, action in options:
+        for bad in ("0", "-0.5", "nan", "inf", "-inf"):
+            with pytest.raises(SystemExit) as e:
+                build_parser().parse_args([command, f"{opt}={bad}"])
+            assert e.value.code == 2, (command, opt, bad)
+            err = capsys.readouterr().err
+            assert f"argument {opt}: a pixel spacing must be a finite number of mm above 0, got '{bad}'" in err
+            assert "Traceback" not in err
+        assert action.type("0.8") == 0.8 and action.type("1e-1") == 0.1

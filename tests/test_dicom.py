@@ -310,3 +310,34 @@ def test_a_stack_whose_normal_points_inferior_is_shown_inferior_to_superior_with
     assert_on_dicom_grid(img.to_file_layout(img.data), img.affine, files)
     assert np.all(np.diff(display_world(img)[..., 2], axis=0) > 0)  # display slices still run inferior -> superior
     assert_sources_follow_display_slices(img, files)
+
+
+def _pixels(count, rows=20, cols=16):
+    return np.random.default_rng(count).integers(0, 4000, (count, rows, cols)).astype(np.uint16)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize("geometry,problem", [
+    ({"spacing": (0.0, 0.0)}, r"invalid PixelSpacing \[0.0, 0.0\]"),
+    ({"spacing": (float("nan"), 1.0)}, "invalid PixelSpacing"),
+    ({"spacing": (-0.9, -1.1)}, "must be above 0"),
+    ({"orientation": (0, 0, 0, 0, 0, 0)}, "invalid ImageOrientationPatient"),
+    ({"orientation": (1, 0, 0, 1, 0, 0)}, "not parallel")])
+def test_invalid_pixel_spacing_or_orientation_is_refused_naming_the_file(tmp_path, count, geometry, problem):
+    files = write_series(tmp_path / "bad", _pixels(count), **geometry)
+    with pytest.raises(SpinesegError, match=problem) as e:
+        read_images(tmp_path / "bad")
+    assert e.value.path in {str(f) for f in files}  # names the file, so the command line prints one line
+
+
+def test_a_stack_does_not_start_across_a_gap_either(tmp_path, caplog):
+    """z = 0, 4, 8, 16, 24, 28: after the first gap, 16 -> 24 is a second gap, not a new 8 mm stack."""
+    offsets = [0, 4, 8, 16, 24, 28]
+    files = write_series(tmp_path / "gaps", _pixels(6), offsets=offsets)
+    with caplog.at_level(logging.WARNING, logger="spineseg"):
+        images = read_images(tmp_path / "gaps")
+    assert [im.num_slices for im in images] == [3, 1, 2]
+    for img, (a, b) in zip(images, [(0, 3), (3, 4), (4, 6)]):
+        assert_on_dicom_grid(img.to_file_layout(img.data), img.affine, files[a:b])
+    assert [im.slice_thickness for im in images] == pytest.approx([4.0, 4.0, 4.0])  # no 8 mm step anywhere
+    assert len(caplog.records) == 2 and all("1 missing slice" in r.getMessage() for r in caplog.records)

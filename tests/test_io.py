@@ -182,3 +182,99 @@ def test_info_says_when_a_file_looks_sagittal_or_coronal(tmp_path, capsys, thick
         assert "note" not in stack and stack["plane"] == "axial"
     else:
         assert stack["note"] == f"looks {plane}: spineseg expects axial slices"
+
+
+def _nifti_with_raw_pixdim(path, pixdim, shape=(8, 8, 3)):
+    """A NIfTI whose header holds ``pixdim`` as given, with qform_code = sform_code = 0 (nibabel would fix it)."""
+    import struct
+
+    import nibabel as nib
+
+    img = nib.Nifti1Image(_pattern(shape), np.eye(4))
+    raw = bytearray(img.to_bytes())
+    raw[80:92] = struct.pack("<3f", *pixdim)  # pixdim[1:4]
+    raw[252:256] = struct.pack("<2h", 0, 0)  # qform_code, sform_code
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("pixdim,problem", [((0.0, 0.0, 4.0), "pixdim 0|0 along an in-plane axis"),
+                                            ((0.7, 0.0, 4.0), "0 along an in-plane axis"),
+                                            ((float("nan"), 0.7, 4.0), "invalid pixel spacing in the NIfTI header")])
+def test_nifti_without_in_plane_pixdim_is_refused_not_read_as_1_mm(tmp_path, pixdim, problem):
+    f = _nifti_with_raw_pixdim(tmp_path / "p0.nii", pixdim)
+    with pytest.raises(SpinesegError, match=problem) as e:
+        read_image(f)
+    assert str(e.value).startswith(f"{f}: ")
+    img = read_image(_nifti_with_raw_pixdim(tmp_path / "ok.nii", (0.7, 0.8, 4.0)))  # a valid pixdim still reads
+    assert img.spacing == pytest.approx((0.8, 0.7)) and img.slice_thickness == pytest.approx(4.0)
+
+
+def _metaimage(path, ndims, sizes, spacing_line=True):
+    header = [f"ObjectType = Image", f"NDims = {ndims}", "BinaryData = True", "BinaryDataByteOrderMSB = False",
+              f"DimSize = {' '.join(map(str, sizes))}", "ElementType = MET_SHORT"]
+    if spacing_line:
+        header.insert(4, "ElementSpacing = " + " ".join(["0.5"] * ndims))
+    header.append("ElementDataFile = LOCAL")
+    data = np.arange(int(np.prod(sizes)), dtype="<i2") % 300
+    path.write_bytes(("\n".join(header) + "\n").encode() + data.tobytes())
+    return path
+
+
+@pytest.mark.parametrize("ndims,sizes,spacing_line,problem", [
+    (2, (8, 8), False, "no pixel spacing in the header \\(no ElementSpacing\\)"),
+    (3, (8, 8, 2), False, "no pixel spacing"),
+    (4, (8, 8, 3, 2), True, "expected a 2D or 3D image, got a 4D image")])
+def test_itk_image_without_spacing_or_with_four_dimensions_is_refused(tmp_path, ndims, sizes, spacing_line, problem):
+    f = _metaimage(tmp_path / "x.mha", ndims, sizes, spacing_line)
+    with pytest.raises(SpinesegError, match=problem) as e:
+        read_image(f)
+    assert str(e.value).startswith(f"{f}: ")
+    ok = read_image(_metaimage(tmp_path / "ok.mha", 3, (8, 8, 2)))  # the same with its spacing reads
+    assert ok.spacing == pytest.approx((0.5, 0.5))
+
+
+def test_nrrd_without_spacing_is_refused(tmp_path):
+    import SimpleITK as sitk
+
+    im = sitk.GetImageFromArray(np.arange(64, dtype=np.int16).reshape(8, 8))
+    im.SetSpacing((0.5, 0.7))
+    sitk.WriteImage(im, str(tmp_path / "ok.nrrd"))
+    assert read_image(tmp_path / "ok.nrrd").spacing == pytest.approx((0.7, 0.5))
+    lines = (tmp_path / "ok.nrrd").read_bytes().split(b"\n")
+    (tmp_path / "no.nrrd").write_bytes(b"\n".join(li for li in lines if not li.startswith(b"space directions")))
+    with pytest.raises(SpinesegError, match="no pixel spacing"):
+        read_image(tmp_path / "no.nrrd")
+
+
+def test_multipage_tiff_is_refused_naming_it(tmp_path):
+    from PIL import Image as PILImage
+
+    pages = [PILImage.fromarray(np.full((32, 32), v, np.uint8)) for v in (10, 200)]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    with pytest.raises(SpinesegError, match="holds 2 pages") as e:
+        read_image(tmp_path / "stack.tif", spacing=0.5)
+    assert str(tmp_path / "stack.tif") in str(e.value)
+    pages[0].save(tmp_path / "one.tif")
+    assert read_image(tmp_path / "one.tif", spacing=0.5).data.shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("spacing", [-0.5, 0.0, float("nan"), float("inf")])
+def test_raster_spacing_must_be_finite_and_positive(tmp_path, spacing):
+    save_png(tmp_path / "a.png", (np.arange(32 * 32).reshape(32, 32) % 255).astype(np.uint8))
+    with pytest.raises(SpinesegError, match="above 0"):
+        read_image(tmp_path / "a.png", spacing=spacing)
+
+
+@pytest.mark.parametrize("affine,problem", [(np.diag([0.0, 1.0, 1.0, 1.0]), "0 is not a spacing"),
+                                            (np.array([[1.0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]),
+                                             "two voxel axes point the same way")])
+def test_degenerate_sform_is_refused_in_one_error(tmp_path, affine, problem):
+    import nibabel as nib
+
+    img = nib.Nifti1Image(_pattern((8, 8, 2)), np.eye(4))
+    img.set_qform(np.eye(4), code=0)
+    img.set_sform(affine, code=2)  # the sform's columns are the voxel axes
+    nib.save(img, str(tmp_path / "d.nii"))
+    with pytest.raises(SpinesegError, match=problem):
+        read_image(tmp_path / "d.nii")

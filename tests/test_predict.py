@@ -220,3 +220,91 @@ def test_the_command_line_and_the_library_default_to_the_same_tta():
     parser = build_parser()
     for command in (["predict", "--model", "m", "--input", "x", "--out", "o"], ["sanity", "--model", "m", "--input", "x", "--out", "o"]):
         assert parser.parse_args(command).tta == DEFAULT_TTA, command
+
+
+def _write_dicom_slices(folder, planes, spacing, time, series_uid):
+    """One single-frame MR image per plane (axial, 4 mm apart), acquired at ``time``."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, plane in enumerate(planes):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = "1.2.3.4", series_uid, "1.2.3.5"
+        ds.Modality, ds.InstanceNumber = "MR", k + 1
+        ds.AcquisitionDate, ds.AcquisitionTime = "20240102", time
+        ds.Rows, ds.Columns = plane.shape
+        ds.PixelSpacing, ds.SliceThickness = [spacing, spacing], 4.0
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.ImagePositionPatient = [0.0, 0.0, 4.0 * k]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = np.ascontiguousarray(plane, np.uint16).tobytes()
+        pydicom.dcmwrite(str(folder / f"{series_uid[-6:]}_{k}.dcm"), ds, enforce_file_format=True)
+
+
+def test_a_failing_stack_spares_the_later_stacks_and_is_named(tmp_path, phantom_files, run_cli):
+    vol = np.asarray(nib.load(str(phantom_files / "volume.nii.gz")).dataobj)  # (column, row, slice)
+    planes = [np.clip(vol[:, :, k].T, 0, None) * (3000.0 / vol.max()) for k in range(2)]
+    series = tmp_path / "series"
+    _write_dicom_slices(series, [np.zeros((160, 160))], 1.2, "090000", "1.2.3.4.100001")  # blank localizer first
+    _write_dicom_slices(series, planes, 1.2, "100000", "1.2.3.4.100002")
+    out = tmp_path / "out"
+    rc, err = run_cli("predict", "--model", "pretrained", "--input", series, "--out", out, "--quiet", "--no-overlays")
+    assert rc == 2
+    assert err == [f"spineseg: error: {series}: stack 0 of 2 (series_stack0): no image content (empty, constant or "
+                   "too small, or no body outline)"]
+    assert [p.name for p in out.glob("*.nii.gz")] == ["series_stack1.nii.gz"]  # the later stack was predicted
+    assert "series_stack1,1,1," in (out / "measurements.csv").read_text()
+
+
+def test_an_unexpected_error_is_one_line_and_the_other_inputs_are_still_measured(tmp_path, phantom_files, run_cli,
+                                                                                   monkeypatch):
+    import spineseg.infer.predict as predict
+
+    measure = predict.measure_image
+
+    def flaky(labels, image, name, thresholds):
+        if name == "bad":
+            raise ValueError("axes don't match\narray")
+        return measure(labels, image, name, thresholds)
+
+    monkeypatch.setattr(predict, "measure_image", flaky)
+    for n in ("bad", "good"):
+        shutil.copy(phantom_files / "slice0.nii.gz", tmp_path / f"{n}.nii.gz")
+    out = tmp_path / "out"
+    rc, err = run_cli("predict", "--model", "pretrained", "--input", tmp_path / "bad.nii.gz", tmp_path / "good.nii.gz",
+                      "--out", out, "--quiet", "--no-overlays")
+    assert rc == 2
+    assert err == [f"spineseg: error: {tmp_path / 'bad.nii.gz'}: unexpected error reading or predicting it "
+                   "(ValueError: axes don't match array)"]
+    rows = (out / "measurements.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("good,0,0,")
+
+    def out_of_memory(*args):
+        raise MemoryError
+
+    monkeypatch.setattr(predict, "measure_image", out_of_memory)  # the machine's own trouble still stops the run
+    with pytest.raises(MemoryError):
+        predict.predict_run("pretrained", [tmp_path / "good.nii.gz"], tmp_path / "o2", progress=False, overlays=False)
+
+
+def test_a_new_run_replaces_the_summary_of_an_earlier_one(tmp_path, phantom_files, run_cli):
+    out = tmp_path / "out"
+    rc, err = run_cli("predict", "--model", "pretrained", "--input", phantom_files / "volume.nii.gz", "--out", out,
+                      "--quiet", "--no-overlays")
+    assert rc == 0, err
+    assert (out / "measurements_summary.csv").read_text().count("\n") == 2  # the volume's summary
+    rc, err = run_cli("predict", "--model", "pretrained", "--input", phantom_files / "slice1.nii.gz", "--out", out,
+                      "--quiet", "--no-overlays")
+    assert rc == 0, err
+    assert (out / "measurements.csv").read_text().count("\n") == 2 and "slice1" in (out / "measurements.csv").read_text()
+    summary = (out / "measurements_summary.csv").read_text()
+    assert summary.startswith("case,stack,slices,") and summary.count("\n") == 1  # the header only: nothing stale

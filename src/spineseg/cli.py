@@ -119,7 +119,8 @@ def cmd_predict(a) -> int:
                       progress=not a.quiet, postprocess=a.postprocess, engine=a.engine, precision=a.precision,
                       batch_size=a.batch_size, threads=a.threads, dicom_seg=a.dicom_seg, report=a.report,
                       thresholds=thresholds, tta=a.tta)
-    print(f"wrote {len(res.written)} label maps to {a.out}" + (f"; {len(res.errors)} inputs failed" if res.errors else ""))
+    failed = f"; {len(res.errors)} failed (inputs, or stacks of a multi-stack input: named above)" if res.errors else ""
+    print(f"wrote {len(res.written)} label maps to {a.out}{failed}")
     print("measurements: " + ", ".join(str(p) for p in res.measurements))
     for s in res.summaries:
         if s.get("narrowest_slice") is not None:
@@ -267,6 +268,19 @@ def _shares(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _spacing_mm(text: str) -> float:
+    """A pixel spacing in mm: a finite number above 0 (a negative one would turn the image round)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a pixel spacing in mm, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"a pixel spacing must be a finite number of mm above 0, got {text!r}")
+    return value
+
+
 def _add_tta(s) -> None:
     # the choices of spineseg.infer.predict.TTA (not imported here: it would load torch for --help)
     s.add_argument("--tta", choices=["flip", "none"], default="none",
@@ -286,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--patients", type=int, required=True, help="number of virtual patients")
     s.add_argument("--slices-per-patient", type=int, required=True, help="slices per patient (one vertebral level each)")
     s.add_argument("--size", type=int, default=512, help="image size in pixels (without --randomize)")
-    s.add_argument("--spacing", type=float, default=0.3906, help="pixel spacing in mm (without --randomize)")
+    s.add_argument("--spacing", type=_spacing_mm, default=0.3906, help="pixel spacing in mm (without --randomize)")
     s.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same files, byte for byte")
     s.add_argument("--contrast", default="t2", help="t2, t2fs, water, fat, t1, random or mixed")
     s.add_argument("--preview", help="write a PNG grid of slices with label outlines")
@@ -310,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("preprocess", help="run (and cache) the paper's preprocessing on a data set")
     s.add_argument("--data", required=True, help="data set folder")
     s.add_argument("--size", type=int, default=512, help="network input size in pixels")
-    s.add_argument("--target-spacing", type=float, default=None, help="working resolution in mm (default: fit ROI)")
-    s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
+    s.add_argument("--target-spacing", type=_spacing_mm, default=None, help="working resolution in mm (default: fit ROI)")
+    s.add_argument("--spacing", type=_spacing_mm, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
     s.add_argument("--cache", default=None, help="cache folder ($SPINESEG_CACHE if set, else ~/.cache/spineseg/preprocessed)")
     s.add_argument("--preview", help="write a PNG of preprocessed slices")
     s.add_argument("--quiet", action="store_true", help="no progress output")
@@ -319,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", help="print the geometry of every stack of an image or DICOM folder (JSON)")
     s.add_argument("input", help="image file or DICOM folder")
-    s.add_argument("--spacing", type=float, default=None, help="pixel spacing (mm) of a PNG / TIFF input")
+    s.add_argument("--spacing", type=_spacing_mm, default=None, help="pixel spacing (mm) of a PNG / TIFF input")
     s.set_defaults(func=cmd_info)
 
     from .models.registry import model_names
@@ -341,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "adaptation: a label-map critic makes predictions on them look like those on the training data "
                    "(weight train.domain_weight), and / or self-training on their anatomically plausible "
                    "predictions (weight train.pseudo_weight, off by default)")
-    s.add_argument("--unlabeled-spacing", type=float, default=None,
+    s.add_argument("--unlabeled-spacing", type=_spacing_mm, default=None,
                    help="pixel spacing (mm) of unlabelled PNG / TIFF images")
     s.add_argument("--unlabeled-no-body", metavar="CSV", default=None,
                    help="self-training: CSV (columns image,slice) of unlabelled slices known to hold no vertebral "
@@ -369,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", help="a training run folder: predict the test patients of its split (with --data)")
     s.add_argument("--data", help="the data set folder of --run")
     s.add_argument("--out", required=True, help="output folder for label maps, overlays, measurements and reports")
-    s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
+    s.add_argument("--spacing", type=_spacing_mm, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run the network")
     s.add_argument("--engine", choices=["torch", "onnx"], default=None,
                    help="torch or onnxruntime (fp32, CPU); default: onnx on the CPU in fp32 (a .pt is exported once and cached), else torch")
@@ -404,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", help="training run folder (splits.json + config.json): evaluate its fold's test cases")
     s.add_argument("--hd95", choices=["monai", "pooled"], default="monai",
                    help="monai: max of the directed 95th percentiles (default); pooled: MedPy's definition")
-    s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG label maps (mm)")
+    s.add_argument("--spacing", type=_spacing_mm, default=None, help="pixel spacing for PNG label maps (mm)")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("compare", help="paper-style tables with paired tests between evaluated runs")
@@ -473,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--postprocess", choices=list(POSTPROCESS), default=DEFAULT_POSTPROCESS,
                    help="post-processing checked beside the raw prediction")
     _add_tta(s)
-    s.add_argument("--spacing", type=float, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
+    s.add_argument("--spacing", type=_spacing_mm, default=None, help="pixel spacing for PNG/TIFF inputs (mm)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run the network")
     s.add_argument("--engine", choices=["torch", "onnx"], default=None,
                    help="as in predict (default: onnx on the CPU in fp32, else torch)")

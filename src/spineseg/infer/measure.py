@@ -238,15 +238,15 @@ def csv_text(rows: list[dict], columns) -> str:
 
 
 def write_measurements(folder: str | Path, rows: list[dict]) -> list[Path]:
-    """``measurements.csv`` (every slice) and, where a case has several slices, ``measurements_summary.csv``."""
+    """``measurements.csv`` (every slice) and ``measurements_summary.csv`` (one row per case with several
+    slices; only the header when there is none). Both replace, atomically, those of an earlier run in
+    ``folder``, so a summary never outlives the measurements it summarised."""
     folder = Path(folder)
-    written = [folder / "measurements.csv"]
-    atomic_write_text(written[0], csv_text(rows, MEASUREMENT_COLUMNS))
+    written = [folder / "measurements.csv", folder / "measurements_summary.csv"]
     by_case: dict[tuple, list[dict]] = {}
     for r in rows:
         by_case.setdefault((r["case"], r["stack"]), []).append(r)
     summaries = [narrowest(group) for group in by_case.values() if len(group) > 1]
-    if summaries:
-        written.append(folder / "measurements_summary.csv")
-        atomic_write_text(written[1], csv_text(summaries, SUMMARY_COLUMNS))
+    atomic_write_text(written[0], csv_text(rows, MEASUREMENT_COLUMNS))
+    atomic_write_text(written[1], csv_text(summaries, SUMMARY_COLUMNS))
     return written

@@ -9,6 +9,8 @@ skipped.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +22,7 @@ import numpy as np
 from .. import NUM_CLASSES, __version__
 from ..errors import SpinesegError
 from ..io.atomic import check_output_folder
-from ..io.images import case_stem, file_ext, read_images, stack_output_name, write_labels_like, DICOM_EXT, IMAGE_EXT
+from ..io.images import case_stem, file_ext, image_loaders, stack_name, write_labels_like, DICOM_EXT, IMAGE_EXT
 from ..io.intensity import percentile_window
 from ..io.layouts import collect_inputs
 from ..preprocess.morphology import largest_component
@@ -269,33 +271,77 @@ def predict_run(checkpoint, inputs, out, spacing: float | None = None, device: s
     res, rows, sections = PredictResult(), [], []
     for path, name in progress_bar(planned, desc="predict", unit="input", disable=not progress):
         try:
-            for image in read_images(path, spacing=spacing):
-                stack_name = stack_output_name(name, image)
+            loaders = image_loaders(path, spacing=spacing)
+        except Exception as exc:  # a bad input is reported in one line; the others go on
+            _report_failure(res, exc, path, out)
+            continue
+        for k, load in enumerate(loaders):
+            name_k = stack_name(name, k, len(loaders))
+            try:  # per stack: one that fails (a localizer without image content) spares the others
+                image = load()
                 raw, labels = predictor.predict_both(image, progress=progress)
-                dst = out / f"{stack_name}.nii.gz"
+                dst = out / f"{name_k}.nii.gz"
                 write_labels_like(dst, labels, image)
                 res.written.append(dst)
                 if overlays:
-                    overlay_png(out / "overlays" / f"{stack_name}.png", image.data, labels)
-                case_rows = measure_image(labels, image, stack_name, thresholds)
+                    overlay_png(out / "overlays" / f"{name_k}.png", image.data, labels)
+                case_rows = measure_image(labels, image, name_k, thresholds)
                 rows.extend(case_rows)
                 if len(case_rows) > 1:
                     res.summaries.append(narrowest(case_rows))
                 if dicom_seg:
-                    res.dicom_seg.extend(_write_dicom_seg(out, stack_name, labels, image, predictor))
+                    res.dicom_seg.extend(_write_dicom_seg(out, name_k, labels, image, predictor))
                 if report:
                     from .report import case_section
 
-                    sections.append(case_section(stack_name, image, raw, labels, case_rows, thresholds))
-        except SpinesegError as exc:  # a bad input is reported in one line; the others go on
-            res.errors.append(str(exc))
-            print(f"spineseg: error: {exc}", file=sys.stderr)
+                    sections.append(case_section(name_k, image, raw, labels, case_rows, thresholds))
+            except Exception as exc:
+                which = None if len(loaders) == 1 else f"stack {k} of {len(loaders)} ({name_k})"
+                _report_failure(res, exc, path, out, which)
     res.measurements = write_measurements(out, rows)
     if report:
         from .report import write_report
 
         res.report = write_report(out / "report.html", sections, predictor.describe(), thresholds, res.errors)
     return res
+
+
+_WRITE_ERRNOS = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EIO") if hasattr(errno, n)}
+
+
+def _report_failure(res: PredictResult, exc: Exception, path: Path, out: Path, stack: str | None = None) -> None:
+    """Report one failed input or stack in one line and go on; errors of the machine itself still stop the run.
+
+    A :class:`SpinesegError` is a bad input; any other exception is unexpected, and is named by type (no
+    traceback) so that the other inputs and ``measurements.csv`` are still written. ``MemoryError`` and an
+    ``OSError`` writing the outputs (a full disk, a read-only file system: every next input would fail the
+    same way) propagate, as do ``KeyboardInterrupt`` and ``SystemExit``, which are not ``Exception``.
+    """
+    if isinstance(exc, MemoryError):
+        raise exc
+    if isinstance(exc, OSError) and (exc.errno in _WRITE_ERRNOS or _inside(exc.filename, out)):
+        raise exc
+    if isinstance(exc, SpinesegError):
+        where, problem = exc.path or str(path), exc.problem
+    else:
+        detail = " ".join(str(exc).split())[:300]
+        where, problem = str(path), f"unexpected error reading or predicting it ({type(exc).__name__}: {detail})"
+    if stack is not None:
+        problem = f"{stack}: {problem}"
+        if where != str(path):
+            problem += f" (in {path})"
+    err = SpinesegError(problem, where)
+    res.errors.append(str(err))
+    print(f"spineseg: error: {err}", file=sys.stderr)
+
+
+def _inside(filename, folder: Path) -> bool:
+    if not filename:
+        return False
+    try:
+        return Path(os.fsdecode(filename)).resolve().is_relative_to(folder.resolve())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _write_dicom_seg(out: Path, stack_name: str, labels: np.ndarray, image, predictor: Predictor) -> list[Path]:

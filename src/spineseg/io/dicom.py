@@ -25,6 +25,7 @@ MONOCHROME1 images are inverted within their representable range so that bright 
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -192,6 +193,31 @@ def _check_geometry(slices: list[_Slice], source: Path) -> None:
                         f"cannot be placed in space: {_names(missing)}", source)
 
 
+def _values(ds, keyword: str, count: int, path: Path) -> np.ndarray:
+    try:
+        values = np.asarray([float(v) for v in ds[keyword].value], float)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise SpinesegError(f"unreadable {keyword} ({exc})", path) from None
+    if values.shape != (count,) or not np.all(np.isfinite(values)):
+        raise SpinesegError(f"invalid {keyword} {values.tolist()}: expected {count} finite numbers", path)
+    return values
+
+
+def _check_values(slices: list[_Slice]) -> None:
+    """Refuse a pixel spacing or an orientation that cannot place the pixels in space, naming the file."""
+    for s in slices:
+        spacing = _values(s.ds, "PixelSpacing", 2, s.path)
+        if np.any(spacing <= 0):
+            raise SpinesegError(f"invalid PixelSpacing {spacing.tolist()}: pixel spacing must be above 0 mm", s.path)
+        orientation = _values(s.ds, "ImageOrientationPatient", 6, s.path)
+        row, col = orientation[:3], orientation[3:]
+        if min(np.linalg.norm(row), np.linalg.norm(col)) < 1e-3 or np.linalg.norm(np.cross(row, col)) < 1e-3 * \
+                np.linalg.norm(row) * np.linalg.norm(col):
+            raise SpinesegError(f"invalid ImageOrientationPatient {orientation.tolist()}: the row and column "
+                                "directions must be non-zero and not parallel", s.path)
+        _values(s.ds, "ImagePositionPatient", 3, s.path)
+
+
 def _kind(s: _Slice) -> tuple:
     """What makes two images at one position different pictures: image type (Dixon W/F/IP/OP) and echo."""
     return (s.ds.get("SeriesInstanceUID", ""), tuple(s.ds.get("ImageType", ())),
@@ -201,6 +227,23 @@ def _kind(s: _Slice) -> tuple:
 def _describe(s: _Slice) -> str:
     number = s.ds.get("SeriesNumber", None)
     return f"series {number}" if number not in (None, "") else f"series {s.ds.get('SeriesInstanceUID', '?')}"
+
+
+def _common_step(steps: np.ndarray) -> float | None:
+    """The series' most common slice step (within ``STEP_RTOL``; the smallest among equally common ones)."""
+    if not len(steps):
+        return None
+    counts = [int(np.sum(np.abs(steps - s) <= STEP_RTOL * s)) for s in steps]
+    best = max(counts)
+    return float(min(s for s, c in zip(steps, counts) if c == best))
+
+
+def _skips_slices(step: float, common: float | None) -> bool:
+    """Whether ``step`` is two or more of the series' common steps: one or more slices missing between."""
+    if common is None:
+        return False
+    k = round(step / common)
+    return k >= 2 and abs(step - k * common) <= STEP_RTOL * k * common
 
 
 def _split_regular(group: list[_Slice], source: Path) -> list[list[_Slice]]:
@@ -214,8 +257,11 @@ def _split_regular(group: list[_Slice], source: Path) -> list[list[_Slice]]:
         raise SpinesegError(f"{dup.size} pair(s) of images of {_describe(group[0])} share a slice position with the "
                             f"same ImageType and echo number, so they cannot be told apart: {_names(pairs)}; "
                             "give one acquisition per folder", source)
+    common = _common_step(steps)
     runs, run_step = [[group[0]]], None
     for i, step in enumerate(steps):
+        if run_step is None and _skips_slices(step, common):
+            run_step = common  # a new run may not start across a gap: that would bridge it
         if run_step is None or abs(step - run_step) <= STEP_RTOL * run_step:
             runs[-1].append(group[i + 1])
             run_step = step if run_step is None else run_step
@@ -319,6 +365,15 @@ def dicom_files(folder: Path) -> list[Path]:
 
 def read_dicom_stacks(path: str | Path) -> list[DicomStack]:
     """Every stack of a DICOM file or folder, in the order of acquisition (see the module's rule)."""
+    return [load() for load in plan_dicom_stacks(path)]
+
+
+def plan_dicom_stacks(path: str | Path) -> list:
+    """Every stack of a DICOM file or folder, in the order of acquisition, as a function that reads it.
+
+    The headers are read and grouped now (a problem there refuses the whole input); each stack's pixels
+    are decoded only when its function is called, so one stack that cannot be decoded spares the others.
+    """
     path = Path(path)
     files = dicom_files(path) if path.is_dir() else [path]
     if not files:
@@ -328,7 +383,8 @@ def read_dicom_stacks(path: str | Path) -> list[DicomStack]:
     stacks = []
     for kind in _cluster(slices, lambda a, b: _kind(a) == _kind(b)):
         _check_geometry(kind, path)
+        _check_values(kind)
         for group in _cluster(kind, _same_grid):
             stacks.extend(_split_regular(group, path))
     stacks.sort(key=_acquisition_key)
-    return [_stack(s) for s in stacks]
+    return [functools.partial(_stack, s) for s in stacks]

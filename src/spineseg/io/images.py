@@ -9,7 +9,9 @@ convention can be written back on the file's own voxel grid with the file's own 
 
 from __future__ import annotations
 
+import functools
 import gzip
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from nibabel import orientations as nio
 
 from ..errors import SpinesegError
 from .atomic import atomic_path, atomic_write_bytes
-from .dicom import read_dicom_stacks
+from .dicom import plan_dicom_stacks
 from .intensity import percentile_window
 
 NIFTI_EXT = (".nii", ".nii.gz")
@@ -27,6 +29,8 @@ ITK_EXT = (".mha", ".mhd", ".nrrd", ".nhdr")
 RASTER_EXT = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 DICOM_EXT = (".dcm", ".dicom", ".ima")
 IMAGE_EXT = NIFTI_EXT + ITK_EXT + RASTER_EXT + DICOM_EXT
+
+log = logging.getLogger(__name__)
 
 _DISPLAY_ORNT = nio.axcodes2ornt(("L", "P", "S"))
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -76,10 +80,25 @@ class Image:
         return np.ascontiguousarray(back.reshape(self.file_shape))
 
 
+def _check_affine(affine: np.ndarray, source: str) -> None:
+    """Refuse a voxel grid that cannot be placed in space: non-finite, a zero-length or a degenerate axis."""
+    affine = np.asarray(affine, float)
+    m = affine[:3, :3]
+    if not np.all(np.isfinite(affine)):
+        raise SpinesegError("missing or invalid pixel spacing or orientation in the header (non-finite values)", source)
+    zooms = np.sqrt((m ** 2).sum(axis=0))
+    if np.any(zooms <= 0):
+        raise SpinesegError(f"missing or invalid pixel spacing in the header (voxel sizes {np.round(zooms, 6).tolist()} "
+                            "mm; 0 is not a spacing)", source)
+    if abs(np.linalg.det(m / zooms)) < 1e-6:
+        raise SpinesegError("invalid orientation in the header (two voxel axes point the same way)", source)
+
+
 def _to_display(data: np.ndarray, affine: np.ndarray, source: str, dtype) -> Image:
     file_shape = data.shape
     if data.ndim == 2:
         data = data[:, :, None]
+    _check_affine(affine, source)
     ornt = nio.io_orientation(affine)
     tr = nio.ornt_transform(ornt, _DISPLAY_ORNT)
     lps = nio.apply_orientation(data, tr)
@@ -118,20 +137,86 @@ def _as_labels(data: np.ndarray, source: str, num_classes: int = 4) -> np.ndarra
 
 # ----------------------------------------------------------------------------------------------- readers
 
+def _raw_pixdim(path: Path, img) -> np.ndarray:
+    """``pixdim`` as stored in the file: nibabel replaces 0 by 1 when it loads a header."""
+    try:
+        with nib.openers.ImageOpener(str(path)) as fh:
+            return np.asarray(type(img.header).from_fileobj(fh, check=False)["pixdim"], float)
+    except Exception as exc:
+        raise SpinesegError(f"cannot read NIfTI header ({type(exc).__name__}: {exc})", path) from None
+
+
+def _check_nifti_spacing(path: Path, img, shape: tuple) -> None:
+    """Without an sform the affine is built from ``pixdim``: refuse a 0 or non-finite in-plane spacing there."""
+    if int(img.header["sform_code"]) != 0:
+        return  # the sform's columns carry the spacing; _to_display checks them
+    n = min(len(shape), 3)
+    pixdim = _raw_pixdim(path, img)[1:1 + n]
+    bad = [i for i in range(n) if not (np.isfinite(pixdim[i]) and pixdim[i] != 0)]
+    if not bad:
+        return
+    shown = [float(v) for v in pixdim]
+    if any(not np.isfinite(pixdim[i]) for i in bad):
+        raise SpinesegError(f"invalid pixel spacing in the NIfTI header (pixdim {shown}); set the voxel size in the "
+                            "file's header", path)
+    ornt = nio.io_orientation(img.affine)  # built with 1 in place of 0: the directions are still the file's
+    in_plane = [i for i in bad if int(ornt[i, 0]) != 2]
+    if in_plane:
+        raise SpinesegError(f"missing pixel spacing in the NIfTI header (pixdim {shown}: 0 along an in-plane axis, "
+                            "and no sform); areas in mm2 would be wrong; set the voxel size in the file's header",
+                            path)
+    if any(shape[i] > 1 for i in bad):
+        log.warning("%s: no slice spacing in the NIfTI header (pixdim 0 along the slice axis); slices are read 1 mm apart",
+                    path)
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    quiet, level = nib.imageglobals.logger, nib.imageglobals.logger.level
+    quiet.setLevel(logging.ERROR)  # nibabel logs the header fixes it makes (pixdim 0 -> 1); they are refused below
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types on corrupt files
         raise SpinesegError(f"cannot read NIfTI file ({type(exc).__name__}: {exc})", path) from None
+    finally:
+        quiet.setLevel(level)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim not in (2, 3):
         raise SpinesegError(f"expected a 2D or 3D image, got shape {data.shape}", path)
-    zooms = img.header.get_zooms()[:3]
-    if any(z <= 0 for z in zooms[:2]):
-        raise SpinesegError("missing pixel spacing in the NIfTI header (pixdim is 0)", path)
+    _check_nifti_spacing(path, img, data.shape)
     return data, img.affine
+
+
+_HEADER_BYTES = 1 << 16  # an ITK text header is far shorter
+
+
+def _itk_header_has_spacing(path: Path) -> bool | None:
+    """Whether a MetaImage or NRRD text header states the voxel spacing (ITK reads 1 mm otherwise);
+    None when the header cannot be looked at (ITK's own reader will say why)."""
+    ext = file_ext(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_HEADER_BYTES)
+    except OSError:
+        return None
+    lines = head.decode("latin-1").splitlines()
+    keys = set()
+    if ext in (".mha", ".mhd"):
+        for line in lines:
+            key = line.split("=", 1)[0].strip()
+            keys.add(key)
+            if key == "ElementDataFile":  # the last header line
+                return "ElementSpacing" in keys or "ElementSize" in keys  # MetaIO takes ElementSize as the spacing
+        return None
+    if not lines or not lines[0].startswith("NRRD"):
+        return None
+    for line in lines[1:]:  # NRRD: the magic line, then "field: value" lines up to a blank line
+        if not line.strip():
+            break
+        if not line.startswith("#") and ":" in line and ":=" not in line:
+            keys.add(line.split(":", 1)[0].strip().lower())
+    return "space directions" in keys or "spacings" in keys
 
 
 def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -143,11 +228,19 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise SpinesegError(f"cannot read image ({str(exc).strip().splitlines()[-1][:200]})", path) from None
     if im.GetNumberOfComponentsPerPixel() != 1:
         raise SpinesegError("multi-component images are not supported", path)
-    arr = sitk.GetArrayFromImage(im)  # (k, j, i) or (j, i)
     dim = im.GetDimension()
+    if dim not in (2, 3):
+        raise SpinesegError(f"expected a 2D or 3D image, got a {dim}D image of size {list(im.GetSize())}", path)
+    if _itk_header_has_spacing(path) is False:
+        key = "ElementSpacing" if file_ext(path) in (".mha", ".mhd") else "'space directions' or 'spacings'"
+        raise SpinesegError(f"no pixel spacing in the header (no {key}), so ITK would read 1 mm per pixel and areas "
+                            "in mm2 would be wrong; add the spacing to the header", path)
+    spacing = np.array(im.GetSpacing(), float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise SpinesegError(f"invalid pixel spacing in the header ({spacing.tolist()})", path)
+    arr = sitk.GetArrayFromImage(im)  # (k, j, i) or (j, i)
     data = np.transpose(arr, tuple(range(arr.ndim))[::-1])  # (i, j, k)
     direction = np.array(im.GetDirection(), float).reshape(dim, dim)
-    spacing = np.array(im.GetSpacing(), float)
     origin = np.array(im.GetOrigin(), float)
     lps = np.eye(4)
     lps[:dim, :dim] = direction * spacing[None, :]
@@ -160,8 +253,14 @@ def _read_raster(path: Path, spacing: float | None) -> tuple[np.ndarray, np.ndar
 
     if spacing is None:
         raise SpinesegError("PNG/TIFF files carry no pixel spacing; pass it with --spacing (mm)", path)
+    if not (np.isfinite(spacing) and spacing > 0):
+        raise SpinesegError(f"pixel spacing must be a number of mm above 0 (got {spacing})", path)
     try:
         with PILImage.open(path) as im:
+            frames = int(getattr(im, "n_frames", 1) or 1)
+            if frames > 1:
+                raise SpinesegError(f"holds {frames} pages or frames; spineseg reads single-page 2D images (save "
+                                    "each slice as its own file, or the stack as NIfTI)", path)
             if im.mode in ("RGB", "RGBA", "P", "LA"):
                 im = im.convert("L")
             arr = np.array(im)
@@ -176,22 +275,40 @@ def _read_raster(path: Path, spacing: float | None) -> tuple[np.ndarray, np.ndar
     return data, affine
 
 
-def _read_grids(path: Path, spacing: float | None) -> list[tuple[np.ndarray, np.ndarray, list | None]]:
-    """``(voxels, RAS affine, DICOM sources per slice or None)`` of every stack of one input."""
+def _grid_loaders(path: Path, spacing: float | None) -> list:
+    """Per stack of one input, a function giving ``(voxels, RAS affine, DICOM sources per slice or None)``.
+
+    A problem with the input as a whole is raised here; a DICOM stack's pixels are decoded when its
+    function is called (other formats are read here, as one stack)."""
     if not path.exists():
         raise SpinesegError("no such file or folder", path)
     if path.is_dir():
-        return [(s.voxels, s.affine, s.sources) for s in read_dicom_stacks(path)]
+        return _dicom_loaders(path)
     if path.stat().st_size == 0:
         raise SpinesegError("file is empty", path)
     ext = file_ext(path)
     if ext in NIFTI_EXT:
-        return [_read_nifti(path) + (None,)]
-    if ext in ITK_EXT:
-        return [_read_itk(path) + (None,)]
-    if ext in RASTER_EXT:
-        return [_read_raster(path, spacing) + (None,)]
-    return [(s.voxels, s.affine, s.sources) for s in read_dicom_stacks(path)]  # DICOM often has no extension
+        grid = _read_nifti(path) + (None,)
+    elif ext in ITK_EXT:
+        grid = _read_itk(path) + (None,)
+    elif ext in RASTER_EXT:
+        grid = _read_raster(path, spacing) + (None,)
+    else:
+        return _dicom_loaders(path)  # DICOM often has no extension
+    return [lambda: grid]
+
+
+def _dicom_loaders(path: Path) -> list:
+    def grid(load):
+        s = load()
+        return s.voxels, s.affine, s.sources
+
+    return [functools.partial(grid, load) for load in plan_dicom_stacks(path)]
+
+
+def _read_grids(path: Path, spacing: float | None) -> list[tuple[np.ndarray, np.ndarray, list | None]]:
+    """``(voxels, RAS affine, DICOM sources per slice or None)`` of every stack of one input."""
+    return [load() for load in _grid_loaders(path, spacing)]
 
 
 def _display_sources(sources: list | None, img: Image) -> list | None:
@@ -223,12 +340,12 @@ def read_image(path: str | Path, spacing: float | None = None, kind: str = "imag
     ``spacing`` (mm) is required for PNG/TIFF and ignored otherwise.
     """
     path = Path(path)
-    grids = _read_grids(path, spacing)
+    grids = _grid_loaders(path, spacing)
     if len(grids) > 1:
         raise SpinesegError(f"holds {len(grids)} image stacks (DICOM slabs or series differing in orientation, "
                             "position, image type or echo); this step reads one stack: spineseg predict, "
                             "spineseg info and spineseg sanity handle every stack", path)
-    return _image(grids[0], path, kind)
+    return _image(grids[0](), path, kind)
 
 
 def read_images(path: str | Path, spacing: float | None = None) -> list[Image]:
@@ -242,9 +359,27 @@ def read_images(path: str | Path, spacing: float | None = None) -> list[Image]:
     return [_image(g, path, "image", k, len(grids)) for k, g in enumerate(grids)]
 
 
+def image_loaders(path: str | Path, spacing: float | None = None) -> list:
+    """Like :func:`read_images`, but one function per stack that reads it as an :class:`Image`: a stack
+    that cannot be read (a DICOM slab whose pixels do not decode) raises only when its own function is
+    called, so the other stacks can still be read. Problems with the input as a whole raise here."""
+    path = Path(path)
+    loaders = _grid_loaders(path, spacing)
+
+    def load(k, grid):
+        return _image(grid(), path, "image", k, len(loaders))
+
+    return [functools.partial(load, k, grid) for k, grid in enumerate(loaders)]
+
+
+def stack_name(name: str, stack: int, stack_count: int) -> str:
+    """Output name of stack ``stack`` of ``stack_count``: ``name`` alone, ``{name}_stack{k}`` among several."""
+    return name if stack_count == 1 else f"{name}_stack{stack}"
+
+
 def stack_output_name(name: str, image: Image) -> str:
     """Output name of one stack: ``name`` for a single-stack input, ``{name}_stack{k}`` otherwise."""
-    return name if image.stack_count == 1 else f"{name}_stack{image.stack}"
+    return stack_name(name, image.stack, image.stack_count)
 
 
 def read_label(path: str | Path, spacing: float | None = None) -> Image:
