@@ -83,7 +83,7 @@ def test_resume_refuses_any_other_change_and_names_it(small_phantom, tmp_path, c
     moved = tmp_path / "moved"
     shutil.copytree(small_phantom, moved)
     Trainer(moved, None, run, resume=True, sets={"train": {"epochs": 1}}, progress=False, cache=tmp_path / "cache")
-    (moved / "cases.csv").write_text((moved / "cases.csv").read_text().replace("P007", "P006"))
+    (moved / "cases.csv").write_text((moved / "cases.csv").read_text().replace(",P007,", ",P006,"))
     with pytest.raises(SpinesegError, match="differs in content"):
         Trainer(moved, None, run, resume=True, progress=False, cache=tmp_path / "cache")
     # a finished run says so instead of silently doing nothing
@@ -533,3 +533,101 @@ def test_critic_warmup_trains_the_critics_alone_for_its_steps_then_the_generator
     assert "epoch 1: loss - (critic warm-up)" in capsys.readouterr().out
     moved, rows = run(tmp_path / "one", steps_per_epoch)  # the first epoch warms up, the second trains all
     assert moved["model"] > 0 and not rows[0]["loss_g"] and rows[1]["loss_g"]
+
+
+def test_resume_refuses_unlabelled_images_the_run_was_trained_without_or_another_spacing(small_phantom, tmp_path):
+    """Resuming with --unlabeled would silently add a domain critic to a run trained without; another
+    --unlabeled-spacing changes the slices learnt from. A run without unlabelled images still resumes."""
+    unlabeled = [small_phantom / "imagesTr"]
+    _train(small_phantom, tmp_path / "plain", 1)
+    with pytest.raises(SpinesegError, match="trained without --unlabeled"):
+        Trainer(None, None, tmp_path / "plain", resume=True, sets={"train": {"epochs": 2}}, progress=False,
+                cache=tmp_path / "cache", unlabeled=unlabeled)
+    assert load_checkpoint(tmp_path / "plain" / "last.pt")["epoch"] == 1
+    _train(small_phantom, tmp_path / "plain", 2, resume=True)  # and without them it goes on
+    _train(small_phantom, tmp_path / "u", 1, train={"domain_weight": 0.5}, unlabeled=unlabeled,
+           unlabeled_spacing=0.8)
+    with pytest.raises(SpinesegError, match="--unlabeled-spacing 0.5 differs"):
+        Trainer(None, None, tmp_path / "u", resume=True, sets={"train": {"epochs": 2}}, progress=False,
+                cache=tmp_path / "cache", unlabeled=unlabeled, unlabeled_spacing=0.5)
+    # the spacing is part of the unlabelled data's fingerprint, which the run records
+    run = load_checkpoint(tmp_path / "u" / "last.pt")["config"]["run"]
+    t = Trainer(small_phantom, "unet", tmp_path / "v", overrides=TINY, sets={"train": {"domain_weight": 0.5}},
+                progress=False, cache=tmp_path / "cache", unlabeled=unlabeled, unlabeled_spacing=0.5)
+    assert t.cfg["run"]["unlabeled_fingerprint"] != run["unlabeled_fingerprint"]
+
+
+def test_a_run_is_not_packed_onto_its_own_last_pt_nor_resumed_from_a_packed_file(small_phantom, tmp_path, capsys):
+    from spineseg.models.checkpoint import pack_checkpoint
+
+    run = tmp_path / "r"
+    _train(small_phantom, run, 1)
+    before = (run / "last.pt").read_bytes()
+    for out in (run / "last.pt", tmp_path / "r" / ".." / "r" / "last.pt"):
+        assert main(["pack", "--model", str(run / "last.pt"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "last.pt" in err and "another --out" in err
+    assert (run / "last.pt").read_bytes() == before
+    pack_checkpoint(run / "last.pt", tmp_path / "packed.pt")
+    shutil.copy(tmp_path / "packed.pt", run / "last.pt")  # what an older version's pack onto itself left
+    assert main(["train", "--out", str(run), "--resume", "--quiet", "--set", "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a training checkpoint" in err and "last.pt" in err
+
+
+@pytest.mark.parametrize("setting,key", [
+    ("preprocess.target_size=0", "preprocess.target_size"), ("preprocess.target_size=-16", "preprocess.target_size"),
+    ("preprocess.target_spacing=0", "preprocess.target_spacing"), ("preprocess.clahe_clip=-1", "preprocess.clahe_clip"),
+    ("augment.noise=-1", "augment.noise"), ("augment.bias=-3", "augment.bias"), ("augment.scale=[0,0]", "augment.scale"),
+    ("augment.scale=[1.2,0.8]", "augment.scale"), ("augment.blur=2", "augment.blur"),
+])
+def test_out_of_range_settings_are_one_line_before_any_work(small_phantom, tmp_path, capsys, setting, key):
+    run = tmp_path / "r"
+    rc = main(["train", "--data", str(small_phantom), "--model", "unet", "--set", "train.epochs=0", "--set",
+               "preprocess.target_size=64", "--set", setting, "--out", str(run), "--cache", str(tmp_path / "cache"),
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and key in err and "must be" in err, err
+    assert not run.exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_out_of_range_is_one_line(small_phantom, tmp_path, capsys, seed):
+    rc = main(["train", "--data", str(small_phantom), "--model", "unet", "--seed", str(seed), "--out",
+               str(tmp_path / "r"), "--cache", str(tmp_path / "cache"), "--quiet", "--set", "train.epochs=0",
+               "--set", "preprocess.target_size=64"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--seed" in err, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "cache").exists()
+
+
+def test_the_run_section_is_set_on_the_command_line_and_a_runs_config_json_is_a_valid_config(small_phantom, tmp_path,
+                                                                                           capsys):
+    """run.* is what training records (data, fold, seed, ...): --set run.seed=7 or a hand-written run: section
+    would be validated and then ignored, so both are refused; a run's own config.json is a config to start from,
+    its recorded run section left out."""
+    import json
+
+    import yaml
+
+    base = ["train", "--data", str(small_phantom), "--model", "unet", "--quiet", "--cache", str(tmp_path / "cache"),
+            "--set", "train.epochs=0"]
+    for extra in (["--set", "run.seed=7"], ["--set", "run.fold=3"]):
+        assert main(base + extra + ["--out", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "run section is recorded by training" in err and "--seed" in err, err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run": {"seed": 7}}))
+    assert main(base + ["--config", str(cfg), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "c.yaml" in err and "run section is recorded by training" in err, err
+    assert not (tmp_path / "s").exists()
+    first = tmp_path / "first"
+    t = _train(small_phantom, first, 1, seed=3)
+    second = tmp_path / "second"
+    base[base.index("unet")] = "spineseg"  # the network _train trains
+    assert main(base + ["--config", str(first / "config.json"), "--out", str(second), "--seed", "3",
+                        "--set", "train.epochs=1"]) == 0
+    a, b = (json.loads((r / "config.json").read_text()) for r in (first, second))
+    assert {k: v for k, v in a.items() if k != "run"} == {k: v for k, v in b.items() if k != "run"}
+    assert b["run"]["seed"] == 3 and t.cfg["run"]["seed"] == 3

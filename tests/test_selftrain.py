@@ -542,3 +542,58 @@ def test_a_run_passes_the_labelled_no_body_weight_and_the_slices_spacing(small_p
     import csv
     with open(tmp_path / "lnb" / "log.csv", newline="") as fh:
         assert all(float(r["loss_no_body_labelled"]) >= 0 for r in csv.DictReader(fh))
+
+
+def test_a_slice_list_saved_by_a_spreadsheet_is_read_or_refused_in_one_line(small_phantom, tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark (read as meant); its "Unicode text" is UTF-16 (refused,
+    naming the file, not a UnicodeDecodeError); a short row names the list; PNG slices without a spacing name
+    the flag that gives it."""
+    from spineseg.errors import SpinesegError
+    from spineseg.io.images import save_png
+    from spineseg.train.data import check_unlabeled_spacing, read_slice_list, unlabeled_cases
+
+    cases = unlabeled_cases([small_phantom / "imagesTr"])
+    name = cases[0].image.name
+    lst = tmp_path / "list.csv"
+    lst.write_text(f"image,slice\n{name},0\n", encoding="utf-8-sig")
+    assert read_slice_list(lst, cases) == {(cases[0].case_id, 0)}
+    lst.write_text(f"image,slice\n{name},0\n", encoding="utf-16")
+    with pytest.raises(SpinesegError, match=r"not UTF-8 text.*\(--unlabeled-body\)") as err:
+        read_slice_list(lst, cases, "--unlabeled-body")
+    assert err.value.path == str(lst)
+    lst.write_text(f"image,slice\n{name}\n")
+    with pytest.raises(SpinesegError, match=r"line 2: no slice given.*\(--unlabeled-no-body\)") as err:
+        read_slice_list(lst, cases)
+    assert err.value.path == str(lst)
+    png = tmp_path / "png"
+    png.mkdir()
+    save_png(png / "a.png", np.full((32, 32), 9, np.uint8))
+    with pytest.raises(SpinesegError, match="--unlabeled-spacing") as err:
+        check_unlabeled_spacing(unlabeled_cases([png]), None)
+    assert err.value.path == str(png / "a.png")
+    check_unlabeled_spacing(unlabeled_cases([png]), 0.8)
+
+
+@pytest.mark.parametrize("layout", ["files", "dicom folders"])
+def test_two_unlabelled_inputs_of_one_name_are_refused_naming_both(small_phantom, tmp_path, layout):
+    """siteA/scan.nii.gz and siteB/scan.nii.gz (or two series folders T2_AX) would be one case id, so a slice
+    list naming scan.nii.gz,0 would mark both."""
+    import shutil
+
+    from spineseg.errors import SpinesegError
+    from spineseg.train.data import unlabeled_cases
+
+    src = sorted((small_phantom / "imagesTr").iterdir())[:2]
+    paths = []
+    for site, f in zip(("siteA", "siteB"), src):
+        if layout == "files":
+            (tmp_path / site).mkdir()
+            paths.append(shutil.copy(f, tmp_path / site / "scan.nii.gz"))
+        else:
+            (tmp_path / site / "T2_AX").mkdir(parents=True)
+            (tmp_path / site / "T2_AX" / "IM0001.dcm").write_bytes(b"stand-in")
+            paths.append(tmp_path / site / "T2_AX")
+    with pytest.raises(SpinesegError, match="two unlabelled images have the name") as err:
+        unlabeled_cases([tmp_path / "siteA", tmp_path / "siteB"] if layout == "files" else paths)
+    assert "siteA" in str(err.value) and "siteB" in str(err.value)
+    assert len(unlabeled_cases([tmp_path / "siteA"] if layout == "files" else paths[:1])) == 1

@@ -258,3 +258,77 @@ def test_random_convolution_randomises_each_tissues_contrast_and_keeps_padding_a
     # off by default: a config without it is the same sample as before the option existed
     assert torch.equal(SliceDataset([rec], AugmentConfig(gamma=0.5, bias=0.3, random_conv=0.0))[0]["image"],
                        SliceDataset([rec], AugmentConfig(gamma=0.5, bias=0.3))[0]["image"])
+
+
+def _with_cases_csv(src, dst, text):
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "cases.csv").write_text(text, encoding="utf-8")
+    return dst
+
+
+def test_a_patient_map_that_leaves_cases_out_lists_one_twice_or_gives_no_patient_is_refused(small_phantom, tmp_path,
+                                                                                           capsys):
+    """A case missing from cases.csv would be a patient of its own (its patient's other slices could be tested on
+    while it is trained on): every case must be mapped, once, to a patient."""
+    from spineseg.cli import main
+
+    rows = (small_phantom / "cases.csv").read_text().splitlines()
+    header, body = rows[0], rows[1:]
+    # keyed by file name instead of case id: no case matches
+    by_file = [r.replace(r.split(",")[0], r.split(",")[0] + "_0000.nii.gz", 1) for r in body]
+    data = _with_cases_csv(small_phantom, tmp_path / "byfile", "\n".join([header] + by_file) + "\n")
+    with pytest.raises(SpinesegError, match=r"case 'P000_00' is not in cases.csv \(16 of 16") as err:
+        load_dataset(data)
+    assert err.value.path == str(data / "cases.csv")
+    args = ["train", "--data", str(data), "--model", "unet", "--out", str(tmp_path / "r"), "--quiet"]
+    assert main(args) == 2
+    out = capsys.readouterr().err
+    assert out.count("\n") == 1 and "cases.csv" in out and "P000_00" in out and not (tmp_path / "r").exists()
+    # one case left out
+    data = _with_cases_csv(small_phantom, tmp_path / "short", "\n".join([header] + body[:-1]) + "\n")
+    missing = body[-1].split(",")[0]
+    with pytest.raises(SpinesegError, match=f"case '{missing}' is not in cases.csv \\(1 of 16"):
+        load_dataset(data)
+    # a case twice, a case without a patient
+    data = _with_cases_csv(small_phantom, tmp_path / "twice", "\n".join([header] + body + [body[0]]) + "\n")
+    with pytest.raises(SpinesegError, match="'P000_00' is listed twice"):
+        load_dataset(data)
+    blank = body[0].split(",")
+    blank[1] = " "
+    data = _with_cases_csv(small_phantom, tmp_path / "blank", "\n".join([header, ",".join(blank)] + body[1:]) + "\n")
+    with pytest.raises(SpinesegError, match="line 2: case 'P000_00' has no patient"):
+        load_dataset(data)
+    # a spreadsheet's "CSV UTF-8" (a byte-order mark) is read as it is meant
+    data = tmp_path / "bom"
+    _with_cases_csv(small_phantom, data, "")
+    (data / "cases.csv").write_text("\n".join(rows) + "\n", encoding="utf-8-sig")
+    assert [c.patient for c in load_dataset(data)] == [c.patient for c in load_dataset(small_phantom)]
+
+
+def test_a_new_run_refuses_a_leftover_splits_json_of_another_split(small_phantom, tmp_path, capsys):
+    """A run killed in its first epoch leaves splits.json and no last.pt: a new run in that folder must not train
+    on it while its config records the split asked for; the same split is fine, and the file is kept."""
+    from spineseg.cli import main
+    from spineseg.train.loop import Trainer
+
+    out = tmp_path / "r"
+    out.mkdir()
+    cases = [c for c in load_dataset(small_phantom) if c.subset == "train"]
+    write_splits(out / "splits.json", paper_splits(cases))
+    before = (out / "splits.json").read_bytes()
+    tiny = {"preprocess": {"target_size": 64}, "model": {"base": 4}}
+    with pytest.raises(SpinesegError, match="already holds a splits.json.*kfold split.*remove it, or choose another") \
+            as err:
+        Trainer(small_phantom, "unet", out, overrides=tiny, progress=False, cache=tmp_path / "cache")
+    assert err.value.path == str(out / "splits.json")
+    other = tmp_path / "other.json"
+    write_splits(other, kfold_splits(cases))
+    rc = main(["train", "--data", str(small_phantom), "--model", "unet", "--splits", str(other), "--out", str(out),
+               "--quiet", "--set", "preprocess.target_size=64", "--cache", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "other.json" in err and "splits.json" in err
+    assert (out / "splits.json").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["splits.json"]
+    t = Trainer(small_phantom, "unet", out, split="paper", overrides=tiny, progress=False, cache=tmp_path / "cache")
+    assert t.splits == paper_splits(cases)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,21 +34,52 @@ def has_patient_map(root: str | Path) -> bool:
     return (Path(root) / PATIENT_MAP).is_file()
 
 
-def _patients(root: Path) -> dict[str, str]:
+def _patients(root: Path) -> dict[str, str] | None:
+    """The data set's patient map, or None where it has none (then every case is its own patient)."""
     f = root / PATIENT_MAP
-    return read_patient_map(f) if f.exists() else {}
+    return read_patient_map(f) if f.exists() else None
 
 
 def read_patient_map(f: str | Path) -> dict[str, str]:
-    """``{case: patient}`` from a ``cases.csv`` (columns ``case`` and ``patient``)."""
+    """``{case: patient}`` from a ``cases.csv`` (columns ``case`` and ``patient``); a case listed twice or without
+    a patient is refused."""
     f = Path(f)
     if not f.is_file():
         raise SpinesegError("patient map (cases.csv) not found", f)
-    with open(f, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with open(f, newline="", encoding="utf-8-sig") as fh:  # a spreadsheet's UTF-8 starts with a BOM
+            rows = list(csv.DictReader(fh))
+    except UnicodeDecodeError:
+        raise SpinesegError("cases.csv is not UTF-8 text (save it as CSV UTF-8)", f) from None
+    except csv.Error as exc:
+        raise SpinesegError(f"cases.csv is not a readable CSV file ({exc})", f) from None
     if not rows or not {"case", "patient"} <= set(rows[0]):
         raise SpinesegError("cases.csv needs the columns 'case' and 'patient' and one row per case", f)
-    return {r["case"]: r["patient"] for r in rows}
+    out: dict[str, str] = {}
+    for n, r in enumerate(rows, start=2):
+        case, patient = r.get("case") or "", r.get("patient") or ""
+        if not case.strip():
+            raise SpinesegError(f"cases.csv line {n}: no case id", f)
+        if not patient.strip():
+            raise SpinesegError(f"cases.csv line {n}: case {case!r} has no patient", f)
+        if case in out:
+            raise SpinesegError(f"cases.csv line {n}: case {case!r} is listed twice", f)
+        out[case] = patient
+    return out
+
+
+def _with_patients(cases: list[Case], pat: dict[str, str] | None, root: Path) -> list[Case]:
+    """``cases`` with their patients from the map; every case must be in it (a case left out would silently be a
+    patient of its own, and slices of one patient could then land in both training and test)."""
+    if pat is None:
+        return cases
+    unmapped = [c.case_id for c in cases if c.case_id not in pat]
+    if unmapped:
+        raise SpinesegError(f"case {unmapped[0]!r} is not in cases.csv ({len(unmapped)} of {len(cases)} cases "
+                            "are not); its column 'case' must hold every case id (the image name without "
+                            + ("'_0000' and " if (root / "dataset.json").exists() else "") + "extension)",
+                            root / PATIENT_MAP)
+    return [dataclasses.replace(c, patient=pat[c.case_id]) for c in cases]
 
 
 def _nnunet(root: Path, require_labels: bool) -> list[Case]:
@@ -69,8 +101,8 @@ def _nnunet(root: Path, require_labels: bool) -> list[Case]:
                 if require_labels and subset == "train":
                     raise SpinesegError(f"no label map for case {cid} (expected {lab.name})", root / lab_dir)
                 lab = None
-            cases.append(Case(cid, f, lab, pat.get(cid, cid), subset))
-    return cases
+            cases.append(Case(cid, f, lab, cid, subset))
+    return _with_patients(cases, pat, root)
 
 
 def _pairs(root: Path, require_labels: bool) -> list[Case]:
@@ -84,8 +116,8 @@ def _pairs(root: Path, require_labels: bool) -> list[Case]:
         lab = labels.get(cid)
         if lab is None and require_labels:
             raise SpinesegError(f"no mask for image {f.name} in {lab_dir or root / 'masks'}", f)
-        cases.append(Case(cid, f, lab, pat.get(cid, cid)))
-    return cases
+        cases.append(Case(cid, f, lab, cid))
+    return _with_patients(cases, pat, root)
 
 
 def load_dataset(root: str | Path, require_labels: bool = True) -> list[Case]:

@@ -99,10 +99,21 @@ def inference_checkpoint(ck: dict, weights: dict | None = None) -> dict:
 PACKABLE_CRITICS = ("critic", "domain_critic")
 
 
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    a, b = Path(a), Path(b)
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
 def pack_checkpoint(src: str | Path, dst: str | Path, half: bool = True, critics: bool = False) -> Path:
     """A small inference-only copy: weights (optionally float16), config, preprocessing, version. With ``critics``
     also the critics' weights (same precision), so that a fine-tune (``train --init``) of the packed file starts
     from trained critics rather than fresh ones, which cost the laminae on real scans (README, runs E3pf / E3)."""
+    if _same_file(src, dst):  # a run's last.pt packed onto itself would lose the run's resume state
+        raise SpinesegError("--out is the checkpoint being packed; packing writes a new, smaller file: give another "
+                            "--out (e.g. model.pt)", dst)
     ck = load_checkpoint(src)
 
     def cast(state: dict) -> dict:

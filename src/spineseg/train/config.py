@@ -129,13 +129,15 @@ class RunOptions(_Section):
     data_fingerprint: str = ""
     fold: int = Field(0, ge=0)
     split: Literal["kfold", "paper"] = "kfold"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     case_is_patient: bool = False
     splits_file: str | None = None
     unlabeled: list[str] = []  # unlabelled real images for domain adaptation (files or folders)
-    unlabeled_spacing: float | None = None  # pixel spacing (mm) of unlabelled PNG / TIFF slices
+    unlabeled_spacing: float | None = Field(None, gt=0)  # pixel spacing (mm) of unlabelled PNG / TIFF slices
     unlabeled_no_body: str | None = None  # CSV of unlabelled slices without a vertebral body (self-training)
+    unlabeled_body: str | None = None  # CSV of unlabelled slices known to hold a vertebral body (self-training)
     unlabeled_fingerprint: str = ""
+    init: dict | None = None  # the checkpoint a fine-tune (--init) started from
 
 
 class Config(_Section):
@@ -148,6 +150,57 @@ class Config(_Section):
 
 
 DEFAULTS: dict = Config().model_dump(mode="json", exclude={"run"})
+
+# bounds of the preprocess and augment sections (dataclasses the pipeline itself uses, so checked here):
+# (section, key, lowest, whether the lowest is allowed, highest or None); a None value passes
+_BOUNDS = (
+    ("preprocess", "target_spacing", 0, False, None), ("preprocess", "clahe_clip", 0, True, None),
+    ("preprocess", "roi_margin_mm", 0, True, None),
+    ("augment", "rotate_deg", 0, True, None), ("augment", "shift", 0, True, None),
+    ("augment", "intensity", 0, True, None), ("augment", "gamma", 0, True, None), ("augment", "bias", 0, True, None),
+    ("augment", "noise", 0, True, None), ("augment", "blur", 0, True, 1), ("augment", "random_conv", 0, True, 1),
+)
+
+
+def _check_bounds(out: dict, source) -> None:
+    for section, key, low, inclusive, high in _BOUNDS:
+        v = out[section][key]
+        if v is None:
+            continue
+        if v < low or (v == low and not inclusive) or (high is not None and v > high):
+            need = (f"from {low} to {high}" if high is not None
+                    else f"{'at least' if inclusive else 'greater than'} {low}")
+            raise SpinesegError(f"config: {section}.{key}: must be {need} (got {v!r})", source)
+    lo, hi = out["augment"]["scale"]
+    if not 0 < lo <= hi:
+        raise SpinesegError(f"config: augment.scale: must be [low, high] with 0 < low <= high (got {[lo, hi]!r})",
+                            source)
+    size = out["preprocess"]["target_size"]
+    if size < 16 or size % 16:
+        raise SpinesegError(f"config: preprocess.target_size must be a positive multiple of 16 (got {size!r})", source)
+
+
+RUN_SECTION_IS_RECORDED = ("the run section is recorded by training, not a setting: give the data, fold, seed and "
+                           "split on the command line (--data, --fold, --seed, --split / --splits)")
+
+
+def refuse_run_settings(sets: dict | None) -> None:
+    """``--set run.*`` is refused: what a run is trained on comes from the command line."""
+    if sets and "run" in sets:
+        key = next(iter(sets["run"]), "") if isinstance(sets["run"], dict) else ""
+        raise SpinesegError(f"config: run.{key}: {RUN_SECTION_IS_RECORDED}", "--set")
+
+
+def without_recorded_run(cfg: dict, source) -> dict:
+    """A config file without its ``run`` section: a run's own config.json records one (it has a data
+    fingerprint) and it is left out, as the command line sets what it records; any other is refused."""
+    if "run" not in cfg:
+        return cfg
+    run = cfg["run"]
+    if not (isinstance(run, dict) and run.get("data_fingerprint")):
+        raise SpinesegError(f"config: run: {RUN_SECTION_IS_RECORDED}", source)
+    validate_config(cfg, source)  # a recorded section of this schema; any other key is still an error
+    return {k: v for k, v in cfg.items() if k != "run"}
 
 
 def validate_config(cfg: dict, source: str | Path | None = None) -> dict:
@@ -163,8 +216,7 @@ def validate_config(cfg: dict, source: str | Path | None = None) -> dict:
     out = model.model_dump(mode="json")
     if out["run"] is None:
         del out["run"]
-    if out["preprocess"]["target_size"] % 16:
-        raise SpinesegError("config: preprocess.target_size must be a multiple of 16", source)
+    _check_bounds(out, source)
     return out
 
 
@@ -238,10 +290,11 @@ def resolve_config(model: str, config: str | Path | None = None, overrides: dict
         validate_config(row_cfg, row)
         cfg = _merge(cfg, row_cfg)
     if config is not None:
-        user = read_yaml(config)
+        user = without_recorded_run(read_yaml(config), config)
         validate_config(user, config)
         cfg = _merge(cfg, user)
     cfg = _merge(cfg, overrides or {})
+    refuse_run_settings(sets)
     if sets:
         validate_config(_merge(cfg, sets), "--set")
         cfg = _merge(cfg, sets)

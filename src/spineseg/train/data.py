@@ -39,14 +39,21 @@ def training_cases(data: str | Path, case_is_patient: bool) -> list[Case]:
     return [c for c in load_dataset(data) if c.subset == "train"]
 
 
-def resolve_splits(cases: list[Case], scheme: str, run_splits: Path, splits_file: str | Path | None) -> list[dict]:
-    """The run's own splits.json if it has one, else the given file, else computed; always checked for leakage."""
-    if run_splits.exists():
+def resolve_splits(cases: list[Case], scheme: str, run_splits: Path, splits_file: str | Path | None,
+                   resume: bool = True) -> list[dict]:
+    """A resumed run's own splits.json; for a new run the given file, else computed; always checked for leakage.
+    A new run refuses a splits.json already in its folder (e.g. left by a run killed in its first epoch) that is
+    not the split it asks for, rather than train on it while its config records another."""
+    if resume and run_splits.exists():
         splits, source = load_splits(run_splits), run_splits
     elif splits_file is not None:
         splits, source = load_splits(splits_file), splits_file
     else:
         splits, source = make_splits(cases, scheme), None
+    if not resume and run_splits.exists() and load_splits(run_splits) != splits:
+        asked = f"the split in {splits_file}" if splits_file is not None else f"the {scheme} split of this data set"
+        raise SpinesegError(f"the run folder already holds a splits.json (an earlier run that never finished an "
+                            f"epoch?) that differs from {asked}; remove it, or choose another --out", run_splits)
     check_splits(splits, cases, source)
     return splits
 
@@ -80,7 +87,9 @@ def load_training_data(cases: list[Case], splits: list[dict], fold: int, pp: Pre
 
 
 def unlabeled_cases(paths: list[str | Path]) -> list[Case]:
-    """Unlabelled real images (files, DICOM series folders, or folders of them), one case per input."""
+    """Unlabelled real images (files, DICOM series folders, or folders of them), one case per input; two inputs
+    of one name (``siteA/scan.nii.gz`` and ``siteB/scan.nii.gz``) are refused, as a slice list could not tell
+    them apart."""
     from ..io.images import case_stem
     from ..io.layouts import collect_inputs
 
@@ -90,14 +99,32 @@ def unlabeled_cases(paths: list[str | Path]) -> list[Case]:
         raise SpinesegError("no such file or folder (--unlabeled)", missing[0])
     if not inputs:
         raise SpinesegError("no images found (--unlabeled)", paths[0] if paths else None)
+    seen: dict[str, Path] = {}
+    for p in map(Path, inputs):
+        other = seen.setdefault(case_stem(p), p)
+        if other.resolve() != p.resolve():
+            raise SpinesegError(f"two unlabelled images have the name {case_stem(p)!r} ({other} and {p}), which a "
+                                "slice list (and the run's log) cannot tell apart; rename one (--unlabeled)", p)
     return [Case(f"{case_stem(p)}", Path(p), None, f"unlabeled:{case_stem(p)}") for p in inputs]
+
+
+def check_unlabeled_spacing(cases: list[Case], spacing: float | None) -> None:
+    """PNG / TIFF slices carry no pixel spacing: refuse them without ``--unlabeled-spacing``, before any work."""
+    from ..io.images import RASTER_EXT, file_ext
+
+    if spacing is not None:
+        return
+    raster = next((c.image for c in cases if Path(c.image).is_file() and file_ext(c.image) in RASTER_EXT), None)
+    if raster is not None:
+        raise SpinesegError("PNG/TIFF files carry no pixel spacing; pass it with --unlabeled-spacing (mm)", raster)
 
 
 def read_slice_list(path: str | Path, cases: list[Case], flag: str = "--unlabeled-no-body") -> set[tuple[str, int]]:
     """A slice list of ``train --unlabeled-no-body`` or ``--unlabeled-body`` (``flag``, named in errors): a CSV with
     columns ``image`` (an unlabelled image's file name, or its name without extension) and ``slice`` (0-based, in
     the order ``spineseg sanity`` numbers them), naming slices known to hold no vertebral body (disc level) or known
-    to hold one. Returns ``{(case id, slice)}``."""
+    to hold one. Returns ``{(case id, slice)}``. UTF-8 with or without a byte-order mark (a spreadsheet's "CSV
+    UTF-8")."""
     import csv
 
     from ..io.images import case_stem
@@ -105,20 +132,27 @@ def read_slice_list(path: str | Path, cases: list[Case], flag: str = "--unlabele
     path = Path(path)
     if not path.is_file():
         raise SpinesegError(f"no such file ({flag})", path)
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except UnicodeDecodeError:
+        raise SpinesegError(f"not UTF-8 text; save the list as CSV UTF-8 ({flag})", path) from None
+    except csv.Error as exc:
+        raise SpinesegError(f"not a readable CSV file ({exc}) ({flag})", path) from None
     if not rows or not {"image", "slice"} <= set(rows[0]):
         raise SpinesegError(f"needs a header with columns image,slice and at least one row ({flag})", path)
     known = {c.case_id for c in cases}
     out = set()
     for n, row in enumerate(rows, start=2):
+        if row["slice"] is None:
+            raise SpinesegError(f"line {n}: no slice given (each row is image,slice) ({flag})", path)
         stem = case_stem(Path(row["image"] or ""))
         if stem not in known:
             raise SpinesegError(f"line {n}: image {row['image']!r} is not one of the --unlabeled images ({flag})", path)
         try:
             index = int(row["slice"])
         except (TypeError, ValueError):
-            raise SpinesegError(f"line {n}: slice {row['slice']!r} is not a whole number", path) from None
+            raise SpinesegError(f"line {n}: slice {row['slice']!r} is not a whole number ({flag})", path) from None
         out.add((stem, index))
     return out
 

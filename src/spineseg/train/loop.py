@@ -43,9 +43,10 @@ from ..overlap import dice_per_structure
 from ..precision import dtype_name, training_autocast_dtype
 from ..preprocess.pipeline import PreprocessCache, PreprocessConfig
 from ..progress import progress as progress_bar
-from .config import EXTENDABLE, config_differences, describe_value, resolve_config, validate_config
-from .data import (dataset_fingerprint, load_training_data, load_unlabeled, read_slice_list, resolve_splits,
-                   training_cases, unlabeled_cases)
+from .config import (EXTENDABLE, config_differences, describe_value, refuse_run_settings, resolve_config,
+                     validate_config)
+from .data import (check_unlabeled_spacing, dataset_fingerprint, load_training_data, load_unlabeled, read_slice_list,
+                   resolve_splits, training_cases, unlabeled_cases)
 from .distributed import current as current_ranks, rank_seed
 from .losses import seg_loss_from_config
 from .runlog import RunLog
@@ -83,9 +84,23 @@ def lr_factor(cfg_train: dict, epoch: int, elapsed: float) -> float:
 
 
 def _run_options(data, fold, split, seed, case_is_patient, splits_file) -> dict:
+    if seed is not None and not 0 <= int(seed) < 2**32:  # what numpy and torch accept as a seed
+        raise SpinesegError(f"--seed {seed}: must be a whole number from 0 to 2**32 - 1")
     return {"data": str(Path(data).resolve()), "fold": 0 if fold is None else int(fold),
             "split": split or "kfold", "seed": 0 if seed is None else int(seed),
             "case_is_patient": bool(case_is_patient), "splits_file": None if splits_file is None else str(splits_file)}
+
+
+TRAINING_STATE = ("opt", "epoch", "best")
+
+
+def _require_training_state(ck: dict, path: Path) -> None:
+    """A run's last.pt holds its optimiser and epoch; a packed or inference-only file in its place does not."""
+    missing = [k for k in TRAINING_STATE if k not in ck or (k == "opt" and ck[k] is None)]
+    if missing or "run" not in (ck.get("config") or {}):
+        raise SpinesegError("not a training checkpoint (no optimiser / epoch state: a packed or inference-only "
+                            "file?), so the run cannot be resumed; fine-tune from it with --init and a new --out "
+                            "instead", path)
 
 
 class Trainer:
@@ -112,9 +127,14 @@ class Trainer:
             if self.ranks.is_main:
                 remove_stale_temporaries(self.out)
             ck = load_checkpoint(self.out / "last.pt")
+            _require_training_state(ck, self.out / "last.pt")
             self.cfg = self._resume_config(ck, data, model, config, fold, split, seed, overrides, sets, splits_file,
                                            case_is_patient)
             if unlabeled:  # the same unlabelled images, possibly moved: checked by content below
+                stored_spacing = self.cfg["run"].get("unlabeled_spacing")
+                if self.cfg["run"].get("unlabeled") and unlabeled_spacing != stored_spacing:
+                    raise SpinesegError(f"--unlabeled-spacing {unlabeled_spacing} differs from this run's "
+                                        f"{stored_spacing}; refusing to resume", self.out)
                 self.cfg["run"].update(unlabeled=[str(Path(u).resolve()) for u in unlabeled],
                                        unlabeled_spacing=unlabeled_spacing)
             if unlabeled_no_body is not None:
@@ -172,7 +192,7 @@ class Trainer:
             raise SpinesegError("--data differs in content from the data this run was trained on; refusing to resume",
                                 data or run["data"])
         run["data_fingerprint"] = fingerprint
-        splits = resolve_splits(cases, run["split"], self.out / "splits.json", run.get("splits_file"))
+        splits = resolve_splits(cases, run["split"], self.out / "splits.json", run.get("splits_file"), resume)
         unlabeled = self._unlabeled_inputs(run, resume)  # a bad slice list fails before any preprocessing
         self.data = load_training_data(cases, splits, run["fold"], self.pp, PreprocessCache(cache), self.progress)
         self.unlabeled = []
@@ -244,6 +264,7 @@ class Trainer:
             raise SpinesegError("--unlabeled images are given but train.domain_weight and train.pseudo_weight are 0, "
                                 "so they would be ignored")
         cases = unlabeled_cases(run["unlabeled"])
+        check_unlabeled_spacing(cases, run.get("unlabeled_spacing"))
         no_body_csv = run.get("unlabeled_no_body")
         no_body = read_slice_list(no_body_csv, cases) if no_body_csv else None
         body_csv = run.get("unlabeled_body")
@@ -253,9 +274,19 @@ class Trainer:
             fingerprint = hashlib.sha1((fingerprint + repr(sorted(no_body))).encode()).hexdigest()
         if body_csv:
             fingerprint = hashlib.sha1((fingerprint + "body" + repr(sorted(body))).encode()).hexdigest()
-        if resume and run.get("unlabeled_fingerprint") and fingerprint != run["unlabeled_fingerprint"]:
-            raise SpinesegError("--unlabeled (or --unlabeled-no-body, --unlabeled-body) differs in content from what "
-                                "this run was trained with; refusing to resume", run["unlabeled"][0])
+        # the spacing given to PNG / TIFF slices is part of what is learnt (runs saved before it was fingerprinted
+        # stored the digest without it; their spacing is compared directly in __init__)
+        before_spacing = fingerprint
+        if run.get("unlabeled_spacing") is not None:
+            fingerprint = hashlib.sha1((fingerprint + f"spacing{float(run['unlabeled_spacing'])!r}").encode()).hexdigest()
+        stored = run.get("unlabeled_fingerprint") or ""
+        if resume and not stored:  # trained without unlabelled images: resuming with them would change the run
+            raise SpinesegError("this run was trained without --unlabeled images; refusing to resume with them "
+                                "(start a new run, e.g. with --init from this one)", self.out)
+        if resume and fingerprint != stored and before_spacing != stored:
+            raise SpinesegError("--unlabeled (or --unlabeled-no-body, --unlabeled-body, --unlabeled-spacing) differs "
+                                "in content from what this run was trained with; refusing to resume",
+                                run["unlabeled"][0])
         run["unlabeled_fingerprint"] = fingerprint
         return cases, no_body, no_body_csv, body, body_csv
 
@@ -282,6 +313,7 @@ class Trainer:
                                     self.out)
         if case_is_patient and not run.get("case_is_patient"):
             raise SpinesegError("--case-is-patient differs from this run's setting; refusing to resume", self.out)
+        refuse_run_settings(sets)
         if splits_file is not None:
             from ..data.splits import load_splits
 
@@ -326,6 +358,7 @@ class Trainer:
         return state
 
     def _load_state(self, ck: dict) -> None:
+        _require_training_state(ck, self.out / "last.pt")
         self.model.load_state_dict(ck.get("model_train", ck["model"]))
         if self.ema is not None and "model_train" in ck:
             self.ema.module.load_state_dict(ck["model"])
