@@ -13,8 +13,8 @@ Folders sharing a name are folds of one model and are pooled (their rows carry d
   positive on an empty slice counts against its run instead of dropping the slice for all. A slice that
   every run leaves empty carries no comparison and stays out; HD95 has no value on such slices.
 - **Pairing.** Tests pair runs on per-patient means of those slices (default), or per slice (option).
-  The table's mean ± std is over the same units the test pairs (patient means, or slices), so the bold
-  "best" and the star describe one quantity.
+  The table's mean ± std (sample standard deviation, n − 1) is over the same units the test pairs
+  (patient means, or slices), so the bold "best" and the star describe one quantity.
   Patients come from the ``patient`` column, else from a ``cases.csv`` map, else each case is its
   own patient (and the tables say so).
 - **A table** is one ``compare`` call: Holm's correction runs over all its tests, i.e. every run other
@@ -172,6 +172,12 @@ def holm(pvalues: list[float | None]) -> list[float | None]:
     return adj
 
 
+def _sample_std(values) -> float | None:
+    """The sample standard deviation (n - 1), as papers report it; 0 for one value, None for none."""
+    v = np.asarray(values, float)
+    return None if not len(v) else float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
 def _group_means(values: np.ndarray, groups: list[str]) -> dict[str, float]:
     out: dict[str, list] = {}
     for v, g in zip(values, groups):
@@ -226,11 +232,11 @@ def compare_runs(runs: list[tuple[str, list[dict]]], reference: str | None = Non
             # the table's units are the test's units: patient means (default) or slices
             units = np.array(list(_group_means(v, groups).values())) if pairing == "patient" else v
             cell = {"mean": float(units.mean()) if len(units) else None,
-                    "std": float(units.std()) if len(units) else None,
+                    "std": _sample_std(units),
                     "slice_mean": float(v.mean()) if len(v) else None,
                     "n_slices": len(common), "n_patients": len(set(groups)), "n_folds": len(fold_means),
                     "fold_mean": float(np.mean(fold_means)) if len(fold_means) > 1 else None,
-                    "fold_std": float(np.std(fold_means)) if len(fold_means) > 1 else None}
+                    "fold_std": _sample_std(fold_means) if len(fold_means) > 1 else None}
             if n != ref:
                 if pairing == "patient":
                     x, y = _group_means(v, groups), _group_means(arrays[ref], groups)
@@ -300,7 +306,7 @@ def table_note(res: dict, columns) -> str:
     folds = f", {res['n_folds']} folds pooled" if res["n_folds"] > 1 else ""
     units = "per-patient means (each patient's mean over its slices)" if res["pairing"] == "patient" else "test slices"
     parts = [f"n = {res['n_patients']} patients, {res['n_slices']} test slices{folds}. "
-             f"Mean ± std over {units}; Dice, IoU, PPV in %, HD95 in mm. Bold: best per column."]
+             f"Mean ± sample std over {units}; Dice, IoU, PPV in %, HD95 in mm. Bold: best per column."]
     if n_models > 1:
         paired = (f"p-values are paired on per-patient means (each patient's mean over its slices; "
                   f"n = {res['n_patients']} pairs)" if res["pairing"] == "patient" else
