@@ -251,3 +251,48 @@ def test_dataset_root_gt_finds_named_cases_in_labelsTr_beside_labelsTs(small_pha
     shutil.copy(tr[1], root / "labelsTs" / tr[1].name)  # now ambiguous
     with pytest.raises(SpinesegError, match="in both labelsTs and labelsTr"):
         gt_label_files(root, named)
+
+
+def test_a_prediction_on_another_grid_is_refused_not_scored_voxel_by_voxel(tmp_path, capsys):
+    import nibabel as nib
+
+    from spineseg.data.phantom_dataset import write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "ph", patients=2, slices_per_patient=1, size=64, seed=4, progress=False)
+    pred = tmp_path / "pred"
+    shutil.copytree(data / "labelsTr", pred)
+    victim = sorted(pred.iterdir())[0]
+    nii = nib.load(victim)
+    affine = nii.affine.copy()
+    affine[:3, :2] *= 2  # the same labels, voxels twice as large in plane
+    nib.save(nib.Nifti1Image(np.asarray(nii.dataobj), affine), victim)
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "prediction grid differs" in err and victim.name in err and err.count("\n") == 1
+    assert not out.exists()
+    affine = nii.affine.copy()
+    affine[:3, 3] += 7.0  # the same voxel size, moved by 7 mm
+    nib.save(nib.Nifti1Image(np.asarray(nii.dataobj), affine), victim)
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(data), "--out", str(out)]) == 2
+    assert "prediction grid differs" in capsys.readouterr().err
+    nib.save(nii, victim)  # back on the truth's grid: scored
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(data), "--out", str(out)]) == 0
+
+
+def test_a_case_missing_from_a_phantom_cases_csv_is_one_error_and_leaves_earlier_reports(tmp_path, capsys):
+    from spineseg.data.phantom_dataset import write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "ph", patients=2, slices_per_patient=2, size=64, seed=5, progress=False)
+    pred = tmp_path / "pred"
+    shutil.copytree(data / "labelsTr", pred)
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(data), "--out", str(out)]) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    first = sorted((data / "labelsTr").iterdir())[0]
+    shutil.copy(first, data / "labelsTr" / "EXTRA.nii.gz")
+    shutil.copy(first, pred / "EXTRA.nii.gz")
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(data / "labelsTr"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "EXTRA" in err and "cases.csv" in err and err.count("\n") == 1
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before

@@ -170,3 +170,17 @@ def test_pack_keeps_only_what_inference_needs_in_float16(phantom_input, tmp_path
     got = _logits(Predictor(tmp_path / "packed.pt", device="cpu", engine="torch"), x)
     assert np.abs(got - reference).max() < 0.05 * np.abs(reference).max()
     assert (got.argmax(1) == reference.argmax(1)).mean() > 0.999
+
+
+def test_a_network_the_tracer_cannot_follow_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import spineseg.models.export as export
+
+    def untraceable(checkpoint):  # what tracing SegNet's unpooling raises
+        raise TypeError("cond must be a bool, but got a Tensor")
+
+    monkeypatch.setattr(export, "checkpoint_onnx_bytes", untraceable)
+    (tmp_path / "m.onnx").write_bytes(b"an earlier export")
+    assert main(["export", "--model", "pretrained", "--onnx", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be exported to ONNX (TypeError" in err and "--engine torch" in err
+    assert (tmp_path / "m.onnx").read_bytes() == b"an earlier export"

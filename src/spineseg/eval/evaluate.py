@@ -78,6 +78,10 @@ def dice_by_position(slices: list[dict], cases_csv: str | Path) -> dict | None:
     if not rows or "position" not in rows[0]:
         return None
     position = {r["case"]: r["position"] for r in rows}
+    unknown = sorted({row["case"] for row in slices} - set(position))
+    if unknown:
+        raise SpinesegError(f"case {unknown[0]}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+                            + " is not in the data set's cases.csv, so its slice position is unknown", cases_csv)
     values: dict[tuple[str, str], list[float]] = {}
     for row in slices:
         for s in STRUCTURES:
@@ -138,6 +142,7 @@ def evaluate_folders(pred: str | Path, gt: str | Path, hd95: str = "monai", spac
         p = read_label(pred_files[c], spacing=spacing)
         if p.data.shape != g.data.shape:
             raise SpinesegError(f"prediction size {p.data.shape} differs from ground truth {g.data.shape}", pred_files[c])
+        _check_same_grid(p, g, pred_files[c], gt_files[c])
         for s in range(g.num_slices):
             m = slice_metrics(p.data[s], g.data[s], g.spacing, hd95)
             for name in STRUCTURES:
@@ -147,6 +152,23 @@ def evaluate_folders(pred: str | Path, gt: str | Path, hd95: str = "monai", spac
                 r["absent_both"] = m[name] is None
                 rows.append(r)
     return rows
+
+
+def _check_same_grid(p, g, pred_file: Path, gt_file: Path) -> None:
+    """Refuse a prediction whose voxels are not the ground truth's voxels in space (spacing, position or
+    direction differ): scoring them voxel by voxel, with the truth's spacing, would give wrong figures."""
+    from .sanity import display_to_world  # same layer; imported here to keep the modules' import order simple
+
+    a, b = display_to_world(p), display_to_world(g)
+    sizes = np.linalg.norm(b[:3, :3], axis=0)  # mm per display step (slice, row, col)
+    axes = slice(0 if g.num_slices > 1 else 1, 3)  # a single slice's thickness does not enter the metrics
+    axes_differ = np.abs(a[:3, axes] - b[:3, axes]) > 1e-3 * np.maximum(sizes[axes], 1e-6)
+    origin_off = np.abs(a[:3, 3] - b[:3, 3]) > 0.5 * sizes[axes].min()
+    if axes_differ.any() or origin_off.any():
+        raise SpinesegError(f"prediction grid differs from the ground truth's {gt_file} (voxel size "
+                            f"{np.round(np.linalg.norm(a[:3, :3], axis=0), 4).tolist()} vs "
+                            f"{np.round(sizes, 4).tolist()} mm, origin {np.round(a[:3, 3], 2).tolist()} vs "
+                            f"{np.round(b[:3, 3], 2).tolist()}); write predictions on the truth's grid", pred_file)
 
 
 def rows_to_slices(rows: list[dict]) -> list[dict]:
@@ -193,6 +215,8 @@ def write_reports(rows: list[dict], out: str | Path, title: str = "", cases_csv:
     """per_slice.csv and summary.md / .csv / .json / .tex; with a phantom's ``cases_csv`` (which names each
     slice's position) also ``by_position.json``, the mean Dice per slice position."""
     out = Path(out)
+    slices = rows_to_slices(rows)
+    positions = dice_by_position(slices, cases_csv) if cases_csv is not None else None  # may refuse: before writing
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(WRITTEN_COLUMNS), lineterminator="\n")
@@ -200,9 +224,7 @@ def write_reports(rows: list[dict], out: str | Path, title: str = "", cases_csv:
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r[k]) for k in w.fieldnames})
     atomic_write_text(out / "per_slice.csv", buf.getvalue())
-    slices = rows_to_slices(rows)
     summ = summarise(slices)
-    positions = dice_by_position(slices, cases_csv) if cases_csv is not None else None
     if positions is not None:
         atomic_write_text(out / "by_position.json", json.dumps(positions, indent=1) + "\n")
     else:  # the report files of an earlier evaluation in this folder are all replaced: so is this one

@@ -60,7 +60,17 @@ def export_onnx(checkpoint_path: str | Path, onnx_path: str | Path) -> Path:
         raise SpinesegError("is a folder; give the .onnx file to write", onnx_path)
     if not onnx_path.parent.is_dir():
         raise SpinesegError("parent folder does not exist", onnx_path.parent)
-    atomic_write_bytes(onnx_path, checkpoint_onnx_bytes(load_checkpoint(checkpoint_path)))
+    checkpoint = load_checkpoint(checkpoint_path)
+    try:
+        graph = checkpoint_onnx_bytes(checkpoint)
+    except SpinesegError:
+        raise
+    except Exception as exc:  # a network the tracer cannot follow (SegNet's unpooling): one line, nothing written
+        detail = " ".join(str(exc).split())[:200]
+        raise SpinesegError(f"model {checkpoint.get('model_name') or '?'} cannot be exported to ONNX "
+                            f"({type(exc).__name__}: {detail}); predict runs it with --engine torch",
+                            checkpoint_path) from None
+    atomic_write_bytes(onnx_path, graph)
     return onnx_path
 
 
