@@ -182,10 +182,10 @@ def cmd_compare(a) -> int:
 
 
 def cmd_experiment(a) -> int:
-    from .experiment import run_experiment
+    from .experiment import parse_folds, run_experiment
 
     models = [m.strip() for m in a.models.split(",") if m.strip()]
-    folds = [int(f) for f in a.folds.split(",")]
+    folds = parse_folds(a.folds)
     from .train.config import parse_set
     from .train.distributed import session
 

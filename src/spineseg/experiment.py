@@ -7,7 +7,10 @@ Layout of OUT::
     runs/<model>/fold<K>/    training run (best.pt, last.pt, log.csv, tb/), pred/, eval/ (per_slice.csv, summary.*)
     compare/                 tables.md/.tex/.csv, bar_dice.png, bar_hd95.png, overlays.png, per_slice.csv per model
 
-Finished steps are skipped, so an interrupted experiment resumes where it stopped.
+Finished steps are skipped, so an interrupted experiment resumes where it stopped. A later call on the same OUT
+must ask for the settings recorded in experiment.json (data, split, budget, config, --set, seed, post-processing,
+...) and in each run's config.json; it may only add models or folds, whose runs are independent of the others.
+An experiment's budget cannot be extended: its learning rate decays over exactly that budget.
 
 Under torchrun (``torchrun --nproc_per_node N $(which spineseg) experiment ...``) every rank trains
 each model together; rank 0 alone writes, predicts, evaluates and compares, while the others wait.
@@ -29,6 +32,109 @@ from .io.atomic import atomic_write_text
 from .models.registry import model_names
 from .train.distributed import current as current_ranks
 
+# experiment.json keys a later call on the same OUT must repeat exactly (models and folds may only grow)
+SAME_SETTINGS = ("data", "split", "budget_minutes", "epochs", "config", "sets", "seed", "postprocess",
+                 "case_is_patient", "nnunet_epochs", "phantom")
+
+
+def parse_folds(text: str) -> list[int]:
+    """``--folds 0,2`` -> [0, 2]; anything but comma-separated non-negative whole numbers is refused."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise SpinesegError(f"--folds must be comma-separated fold numbers such as 0 or 0,1,2 (got {text!r})")
+    return [int(p) for p in parts]
+
+
+def check_arguments(models: list[str], folds, reference: str | None) -> None:
+    """Refuse an empty or repeated model list, unknown models, bad or repeated folds and a reference that is not
+    one of the models, before any work is done."""
+    from .nnunet_row import NNUNET
+
+    if not models:
+        raise SpinesegError("--models names no model; give comma-separated registry names, e.g. unet,segnet")
+    repeated = sorted({m for m in models if models.count(m) > 1})
+    if repeated:
+        raise SpinesegError(f"--models lists {', '.join(repeated)} more than once")
+    unknown = [m for m in models if m not in model_names() and m != NNUNET]
+    if unknown:
+        raise SpinesegError(f"unknown models {unknown}; choose from {', '.join(model_names() + [NNUNET])}")
+    folds = list(folds)
+    if not folds:
+        raise SpinesegError("--folds names no fold")
+    bad = [k for k in folds if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0]
+    if bad:
+        raise SpinesegError(f"--folds must be non-negative whole numbers (got {bad})")
+    repeated_folds = sorted({k for k in folds if folds.count(k) > 1})
+    if repeated_folds:
+        raise SpinesegError(f"--folds lists {', '.join(map(str, repeated_folds))} more than once")
+    if reference is not None and reference not in models:
+        raise SpinesegError(f"--reference {reference} is not one of the models ({', '.join(models)})")
+
+
+def _short(value) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def check_same_settings(path: Path, meta: dict) -> None:
+    """Refuse a call on an existing experiment whose settings differ from its experiment.json: its finished steps
+    would be reused under settings they were never run with. Models and folds may only be added."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SpinesegError(f"cannot read this experiment's settings ({exc}); use another --out", path) from None
+    if not isinstance(stored, dict):
+        raise SpinesegError("is not an experiment's settings file (no JSON object); use another --out", path)
+    requested = json.loads(json.dumps(meta))  # compare as stored (tuples -> lists, ...)
+    diffs = [f"{k} {_short(requested.get(k))} (was {_short(stored[k])})" for k in SAME_SETTINGS
+             if k in stored and stored[k] != requested.get(k)]  # keys an older file lacks are not compared
+    for k in ("models", "folds"):
+        dropped = [x for x in stored.get(k) or [] if x not in requested[k]]
+        if dropped:
+            diffs.append(f"{k} {_short(requested[k])} leaves out {_short(dropped)}")
+    if diffs:
+        raise SpinesegError(f"this experiment was run with other settings: {'; '.join(diffs)}; a later call may only "
+                            "add models or folds (an experiment's budget cannot be extended); use another --out",
+                            path)
+
+
+def check_runs_match(out: Path, models, folds, config, overrides: dict, sets, seed: int) -> None:
+    """Each existing run of the experiment must have been trained with the configuration asked for now (a changed
+    config file or model default would otherwise be reused silently)."""
+    from .nnunet_row import NNUNET
+    from .train.config import config_differences, resolve_config, validate_config
+
+    for m in models:
+        if m == NNUNET:
+            continue
+        requested = resolve_config(m, config, overrides, sets)
+        for k in folds:
+            cfg_path = out / "runs" / m / f"fold{k}" / "config.json"
+            if not cfg_path.exists():
+                continue
+            try:
+                stored = json.loads(cfg_path.read_text())
+                run = stored.get("run") or {}
+                current = validate_config({key: v for key, v in stored.items() if key != "run"}, cfg_path)
+            except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+                raise SpinesegError(f"cannot read this run's configuration ({exc}); use another --out",
+                                    cfg_path) from None
+            diffs = [f"{d} (was {_short(_get(current, d))}, now {_short(_get(requested, d))})"
+                     for d in config_differences(current, requested)]
+            if "seed" in run and run["seed"] != seed:
+                diffs.append(f"seed (was {run['seed']}, now {seed})")
+            if diffs:
+                raise SpinesegError(f"this run was trained with other settings: {'; '.join(diffs)}; use another "
+                                    "--out", cfg_path)
+
+
+def _get(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
 
 def _log(msg: str) -> None:
     if current_ranks().is_main:
@@ -44,9 +150,8 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
     from .train.data import training_cases
     from .train.loop import Trainer
 
-    unknown = [m for m in models if m not in model_names() and m != NNUNET]
-    if unknown:
-        raise SpinesegError(f"unknown models {unknown}; choose from {', '.join(model_names() + [NNUNET])}")
+    models, folds = list(models), list(folds)
+    check_arguments(models, folds, reference)
     if NNUNET in models and not nnunet_installed():
         raise SpinesegError(f"the {NNUNET} row needs nnU-Net: {INSTALL_HINT}")
     if nnunet_epochs is not None and nnunet_epochs not in EPOCH_VARIANTS:
@@ -64,6 +169,16 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
         if m != NNUNET:
             resolve_config(m, config, overrides, sets)
     out = Path(out)
+    meta = {"command": "spineseg " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+            "data": str(Path(data).resolve()), "models": models, "split": split, "folds": folds,
+            "budget_minutes": budget_minutes, "epochs": epochs, "config": config, "sets": sets or {}, "seed": seed,
+            "postprocess": postprocess, "case_is_patient": bool(case_is_patient), "nnunet_epochs": nnunet_epochs}
+    phantom = Path(data) / "phantom.json"
+    if phantom.exists():
+        meta["phantom"] = json.loads(phantom.read_text())
+    if (out / "experiment.json").exists():  # nothing is reused, nor experiment.json rewritten, under other settings
+        check_same_settings(out / "experiment.json", meta)
+    check_runs_match(out, models, folds, config, overrides, sets, seed)
     ranks = current_ranks()
     cases = training_cases(data, case_is_patient)
     by_id = {c.case_id: c for c in cases}
@@ -80,13 +195,6 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
         out.mkdir(parents=True, exist_ok=True)
         if not split_path.exists():
             write_splits(split_path, splits)
-        meta = {"command": "spineseg " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-                "data": str(Path(data).resolve()), "models": models, "split": split, "folds": list(folds),
-                "budget_minutes": budget_minutes, "epochs": epochs, "config": config, "sets": sets or {}, "seed": seed,
-                "postprocess": postprocess}
-        phantom = Path(data) / "phantom.json"
-        if phantom.exists():
-            meta["phantom"] = json.loads(phantom.read_text())
         atomic_write_text(out / "experiment.json", json.dumps(meta, indent=1) + "\n")
     ranks.barrier()  # every rank's trainer reads splits.json
     eval_dirs: dict[str, list[Path]] = {m: [] for m in models}
