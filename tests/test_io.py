@@ -69,21 +69,15 @@ def test_labels_written_back_on_source_grid(tmp_path):
 
 def _write_dicom_series(folder, vol, spacing=(0.7, 0.8), thickness=4.0, slope=2.0, intercept=-100.0):
     import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
+
+    from conftest import new_mr_dataset
 
     folder.mkdir()
     series = generate_uid()
     order = [2, 0, 3, 1][: vol.shape[0]]
     for n, k in enumerate(order):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds = new_mr_dataset()
         ds.SeriesInstanceUID = series
         ds.Modality = "MR"
         ds.Rows, ds.Columns = vol.shape[1:]

@@ -225,18 +225,12 @@ def test_the_command_line_and_the_library_default_to_the_same_tta():
 def _write_dicom_slices(folder, planes, spacing, time, series_uid):
     """One single-frame MR image per plane (axial, 4 mm apart), acquired at ``time``."""
     import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from conftest import new_mr_dataset
 
     folder.mkdir(parents=True, exist_ok=True)
     for k, plane in enumerate(planes):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds = new_mr_dataset()
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = "1.2.3.4", series_uid, "1.2.3.5"
         ds.Modality, ds.InstanceNumber = "MR", k + 1
         ds.AcquisitionDate, ds.AcquisitionTime = "20240102", time
