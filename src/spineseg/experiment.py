@@ -101,7 +101,7 @@ def check_runs_match(out: Path, models, folds, config, overrides: dict, sets, se
     """Each existing run of the experiment must have been trained with the configuration asked for now (a changed
     config file or model default would otherwise be reused silently)."""
     from .nnunet_row import NNUNET
-    from .train.config import config_differences, resolve_config, validate_config
+    from .train.config import config_differences, describe_value, resolve_config, validate_config
 
     for m in models:
         if m == NNUNET:
@@ -118,22 +118,13 @@ def check_runs_match(out: Path, models, folds, config, overrides: dict, sets, se
             except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
                 raise SpinesegError(f"cannot read this run's configuration ({exc}); use another --out",
                                     cfg_path) from None
-            diffs = [f"{d} (was {_short(_get(current, d))}, now {_short(_get(requested, d))})"
+            diffs = [f"{d} (was {_short(describe_value(current, d))}, now {_short(describe_value(requested, d))})"
                      for d in config_differences(current, requested)]
             if "seed" in run and run["seed"] != seed:
                 diffs.append(f"seed (was {run['seed']}, now {seed})")
             if diffs:
                 raise SpinesegError(f"this run was trained with other settings: {'; '.join(diffs)}; use another "
                                     "--out", cfg_path)
-
-
-def _get(cfg: dict, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    return node
 
 
 def _log(msg: str) -> None:

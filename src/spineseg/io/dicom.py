@@ -363,11 +363,6 @@ def dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file())
 
 
-def read_dicom_stacks(path: str | Path) -> list[DicomStack]:
-    """Every stack of a DICOM file or folder, in the order of acquisition (see the module's rule)."""
-    return [load() for load in plan_dicom_stacks(path)]
-
-
 def plan_dicom_stacks(path: str | Path) -> list:
     """Every stack of a DICOM file or folder, in the order of acquisition, as a function that reads it.
 

@@ -306,11 +306,6 @@ def _dicom_loaders(path: Path) -> list:
     return [functools.partial(grid, load) for load in plan_dicom_stacks(path)]
 
 
-def _read_grids(path: Path, spacing: float | None) -> list[tuple[np.ndarray, np.ndarray, list | None]]:
-    """``(voxels, RAS affine, DICOM sources per slice or None)`` of every stack of one input."""
-    return [load() for load in _grid_loaders(path, spacing)]
-
-
 def _display_sources(sources: list | None, img: Image) -> list | None:
     """Per-slice DICOM sources in display slice order; None when display slices are not the DICOM slices."""
     if sources is None:
@@ -354,15 +349,14 @@ def read_images(path: str | Path, spacing: float | None = None) -> list[Image]:
     A DICOM folder or file gives one image per regular stack (see :mod:`spineseg.io.dicom` for the
     grouping rule); every other input gives one. Each image's affine is its own stack's voxel grid.
     """
-    path = Path(path)
-    grids = _read_grids(path, spacing)
-    return [_image(g, path, "image", k, len(grids)) for k, g in enumerate(grids)]
+    return [load() for load in image_loaders(path, spacing)]
 
 
 def image_loaders(path: str | Path, spacing: float | None = None) -> list:
-    """Like :func:`read_images`, but one function per stack that reads it as an :class:`Image`: a stack
-    that cannot be read (a DICOM slab whose pixels do not decode) raises only when its own function is
-    called, so the other stacks can still be read. Problems with the input as a whole raise here."""
+    """One function per stack of one input (as :func:`read_images` orders them) that reads it as an
+    :class:`Image`: a stack that cannot be read (a DICOM slab whose pixels do not decode) raises only when
+    its own function is called, so the other stacks can still be read. Problems with the input as a whole
+    raise here."""
     path = Path(path)
     loaders = _grid_loaders(path, spacing)
 

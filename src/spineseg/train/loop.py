@@ -358,7 +358,6 @@ class Trainer:
         return state
 
     def _load_state(self, ck: dict) -> None:
-        _require_training_state(ck, self.out / "last.pt")
         self.model.load_state_dict(ck.get("model_train", ck["model"]))
         if self.ema is not None and "model_train" in ck:
             self.ema.module.load_state_dict(ck["model"])
