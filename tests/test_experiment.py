@@ -82,3 +82,15 @@ def test_experiment_refuses_bad_arguments_before_any_work(small_phantom, tmp_pat
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and says in err, (models, more, err)
         assert not out.exists(), (models, more)
+
+
+def test_nnunet_budget_counts_a_resumed_row_whole(tmp_path):
+    from spineseg.experiment import matched_budget_minutes
+
+    def done(model, record):
+        (tmp_path / "runs" / model / "fold0").mkdir(parents=True)
+        (tmp_path / "runs" / model / "fold0" / "done.json").write_text(json.dumps(record))
+
+    done("unet", {"epochs": 4, "seconds": 600.0, "wall_seconds": 60.0})  # resumed: the last process ran 1 of 10 min
+    done("segnet", {"epochs": 4, "seconds": 1200.0, "wall_seconds": 1210.0})
+    assert matched_budget_minutes(tmp_path, ["unet", "segnet", "nnunet"], 0) == 15.0

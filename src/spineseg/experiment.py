@@ -226,6 +226,22 @@ def run_experiment(data, models: list[str], out, split: str = "kfold", folds=(0,
     return out
 
 
+def matched_budget_minutes(out: Path, models, k: int) -> float:
+    """The nnunet row's time budget under ``--epochs``: the mean training time (minutes) of the other rows of fold
+    ``k``, each the whole run's time across resumes (``seconds`` of its ``done.json``), not only the last process's."""
+    from .nnunet_row import NNUNET
+
+    times = []
+    for m in models:
+        if m == NNUNET:
+            continue
+        done = json.loads((out / "runs" / m / f"fold{k}" / "done.json").read_text())
+        times.append(done.get("seconds", done["wall_seconds"]))
+    if not times:
+        raise SpinesegError("with --epochs, the nnunet row needs other rows to match their time, or --nnunet-epochs")
+    return float(np.mean(times)) / 60
+
+
 def _nnunet_row(run: Path, k: int, data, splits, test_ids, budget_minutes, nnunet_epochs, out: Path, models,
                 postprocess: str) -> None:
     """Train and apply nnU-Net 2D through its own command lines (see `spineseg.nnunet_row`); ``RUN/pred`` after."""
@@ -239,12 +255,8 @@ def _nnunet_row(run: Path, k: int, data, splits, test_ids, budget_minutes, nnune
         return
     t0 = time.perf_counter()
     budget = budget_minutes
-    if budget is None and nnunet_epochs is None:  # the mean training time of the other rows of this fold
-        walls = [json.loads((out / "runs" / m / f"fold{k}" / "done.json").read_text())["wall_seconds"]
-                 for m in models if m != "nnunet"]
-        if not walls:
-            raise SpinesegError("with --epochs, the nnunet row needs other rows to match their time, or --nnunet-epochs")
-        budget = float(np.mean(walls)) / 60
+    if budget is None and nnunet_epochs is None:
+        budget = matched_budget_minutes(out, models, k)
     _log(f"[nnunet fold {k}] nnU-Net v2 2D through its own command lines"
          + (f" (budget {budget:.1f} min)" if nnunet_epochs is None else f" ({nnunet_epochs} epochs)"))
     row = NnunetRow(run, device="cuda" if torch.cuda.is_available() else "cpu")
