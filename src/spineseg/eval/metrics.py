@@ -51,7 +51,8 @@ def slice_metrics(pred: np.ndarray, gt: np.ndarray, spacing, hd95: str = "monai"
     """Dice, IoU, PPV, sensitivity, HD, HD95 per structure.
 
     A structure absent from both prediction and truth gives ``None`` (skipped, and counted). Absent from
-    one only: Dice / IoU 0 and HD / HD95 ``None`` (missing, and counted).
+    one only: Dice / IoU 0, PPV 0 when nothing is predicted and sensitivity 0 when nothing is true (MONAI gives
+    NaN there and drops the slice), and HD / HD95 ``None`` (missing, and counted).
     """
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {pred.shape} != ground truth {gt.shape}")
