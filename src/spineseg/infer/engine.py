@@ -14,8 +14,8 @@ cache cannot be written, the graph is exported in memory each time. On CUDA, or 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,8 +185,8 @@ def make_engine(loaded: LoadedModel, engine: str | None = None, device: str = "a
         except Exception as exc:  # e.g. segnet: the tracer cannot follow max_unpool2d's size check
             if not fallback:
                 raise
-            warnings.warn(f"{loaded.source}: cannot run on onnxruntime (export failed: {type(exc).__name__}); "
-                          "running on torch", stacklevel=2)
+            logging.getLogger(__name__).warning("%s: cannot run on onnxruntime (export failed: %s); running on torch",
+                                                loaded.source, type(exc).__name__)
     dev = pick_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(threads)
