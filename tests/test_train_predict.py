@@ -112,3 +112,18 @@ def test_predict_postprocess_option(run, small_phantom, tmp_path):
 
     with pytest.raises(SpinesegError):
         Predictor(run / "best.pt", postprocess="bogus")
+
+
+def test_validation_mean_skips_a_structure_no_slice_has_without_a_warning():
+    import warnings
+
+    import numpy as np
+
+    from spineseg.train.loop import mean_dice, nan_mean
+
+    rows = np.array([[0.5, np.nan, 1.0], [0.7, np.nan, np.nan]])  # no validation slice shows the canal
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "mean of empty slice" would be one
+        means = mean_dice(rows)
+        assert np.isnan(nan_mean(means[1:2])) and nan_mean(means) == 0.8
+    assert means[0] == 0.6 and np.isnan(means[1]) and means[2] == 1.0

@@ -67,9 +67,18 @@ def validation_dice(model, loader, device) -> np.ndarray:
     return np.concatenate(rows)
 
 
+def nan_mean(values: np.ndarray, axis=None) -> np.ndarray | float:
+    """The mean over the values that are not NaN; NaN where there are none (NumPy's nanmean, without its
+    "mean of empty slice" warning: a validation set may lack a structure)."""
+    values = np.asarray(values, dtype=float)
+    have = ~np.isnan(values)
+    count, total = have.sum(axis), np.where(have, values, 0.0).sum(axis)
+    return np.divide(total, count, out=np.full(np.shape(count), np.nan), where=count > 0)[()]
+
+
 def mean_dice(rows: np.ndarray) -> np.ndarray:
     """Mean Dice per structure over validation slices; NaN where no slice has a value."""
-    return np.nanmean(rows, axis=0) if len(rows) else np.full(NUM_CLASSES - 1, np.nan)
+    return nan_mean(np.reshape(rows, (-1, NUM_CLASSES - 1)), axis=0)
 
 
 def lr_factor(cfg_train: dict, epoch: int, elapsed: float) -> float:
@@ -554,7 +563,7 @@ class Trainer:
                 last = self.epoch >= tc["epochs"] or bool(cap and now + (now - elapsed) >= cap)
                 validated = self.epoch % tc["val_every"] == 0 or last
                 val = self._validate(val_loader) if validated else None
-                mean = float(np.nanmean(val)) if validated else math.nan  # never better than the best
+                mean = float(nan_mean(val)) if validated else math.nan  # never better than the best
                 self.elapsed = time.perf_counter() - t_start
                 row.update({"epoch": self.epoch, "seconds": round(self.elapsed, 1)})
                 if validated:  # the validation columns stay empty on the other epochs
