@@ -28,6 +28,7 @@ CANDIDATES = {  # run -> what it is (details: README.md, "Runs", and rules/)
     "K": "N with the positive label on the 10 core vertebral slices",
     "A10": "average of K and its seed 1",
     "A11": "average of K and its seeds 1 and 2",
+    "KF": "K with left-right mirrored training slices",
 }
 COLUMNS = ("run", "what", "raw_of_197", "post_of_197", "both_laminae_post", "never_seen_raw_of_98",
            "heldout_discs_body_water_fat_inphase_of_8", "vertebral_dixon_slices_with_body_of_102",
