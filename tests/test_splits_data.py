@@ -332,3 +332,20 @@ def test_a_new_run_refuses_a_leftover_splits_json_of_another_split(small_phantom
     assert (out / "splits.json").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["splits.json"]
     t = Trainer(small_phantom, "unet", out, split="paper", overrides=tiny, progress=False, cache=tmp_path / "cache")
     assert t.splits == paper_splits(cases)
+
+
+def _nifti(path, data, affine=None):
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), str(path))
+
+
+def test_a_patient_written_with_surrounding_spaces_is_the_same_patient(tmp_path):
+    """``c2, P1`` (a space after the comma) is patient P1: read as ' P1' it became a second patient, and P1's
+    slices could be split between training and test."""
+    for c in ("c1", "c2", "c3"):
+        _nifti(tmp_path / "images" / f"{c}.nii.gz", np.ones((8, 8, 1), np.float32))
+        _nifti(tmp_path / "masks" / f"{c}.nii.gz", np.zeros((8, 8, 1), np.uint8))
+    (tmp_path / "cases.csv").write_text("case,patient\nc1,P1\nc2, P1\n c3 ,P2 \n")
+    assert {c.case_id: c.patient for c in load_dataset(tmp_path)} == {"c1": "P1", "c2": "P1", "c3": "P2"}

@@ -57,10 +57,11 @@ def read_patient_map(f: str | Path) -> dict[str, str]:
         raise SpinesegError("cases.csv needs the columns 'case' and 'patient' and one row per case", f)
     out: dict[str, str] = {}
     for n, r in enumerate(rows, start=2):
-        case, patient = r.get("case") or "", r.get("patient") or ""
-        if not case.strip():
+        # a space after the comma must not make " P1" a second patient beside "P1"
+        case, patient = (r.get("case") or "").strip(), (r.get("patient") or "").strip()
+        if not case:
             raise SpinesegError(f"cases.csv line {n}: no case id", f)
-        if not patient.strip():
+        if not patient:
             raise SpinesegError(f"cases.csv line {n}: case {case!r} has no patient", f)
         if case in out:
             raise SpinesegError(f"cases.csv line {n}: case {case!r} is listed twice", f)
