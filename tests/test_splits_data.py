@@ -341,6 +341,31 @@ def _nifti(path, data, affine=None):
     nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), str(path))
 
 
+def test_two_images_or_two_masks_of_one_case_name_are_refused_naming_both(tmp_path):
+    """``a.nii`` and ``a.nii.gz`` are one case name: which mask pairs with which image must not be a guess."""
+    img, lab = np.ones((8, 8, 1), np.float32), np.zeros((8, 8, 1), np.uint8)
+    _nifti(tmp_path / "images" / "a.nii.gz", img)
+    _nifti(tmp_path / "masks" / "a.nii.gz", lab)
+    _nifti(tmp_path / "masks" / "a.nii", lab + 1)
+    with pytest.raises(SpinesegError, match=r"a\.nii.*a\.nii\.gz.*one case name") as err:
+        load_dataset(tmp_path)
+    assert "masks" in err.value.path
+    (tmp_path / "masks" / "a.nii").unlink()
+    _nifti(tmp_path / "images" / "a.nii", img)
+    with pytest.raises(SpinesegError, match=r"a\.nii.*a\.nii\.gz.*one case name"):
+        load_dataset(tmp_path, require_labels=False)
+
+
+def test_a_mask_without_its_image_is_refused_naming_it(tmp_path):
+    """A mask that pairs with no image (``case1.nii.gz`` beside ``Case1.nii.gz``) is a naming slip, not a mask to drop:
+    an unlabelled-allowed read would otherwise treat the image as unlabelled without a word."""
+    _nifti(tmp_path / "images" / "Case1.nii.gz", np.ones((8, 8, 1), np.float32))
+    _nifti(tmp_path / "masks" / "case1.nii.gz", np.zeros((8, 8, 1), np.uint8))
+    with pytest.raises(SpinesegError, match=r"no image.*Case1\.nii\.gz") as err:
+        load_dataset(tmp_path, require_labels=False)
+    assert err.value.path.endswith("case1.nii.gz")
+
+
 def test_a_patient_written_with_surrounding_spaces_is_the_same_patient(tmp_path):
     """``c2, P1`` (a space after the comma) is patient P1: read as ' P1' it became a second patient, and P1's
     slices could be split between training and test."""

@@ -106,14 +106,32 @@ def _nnunet(root: Path, require_labels: bool) -> list[Case]:
     return _with_patients(cases, pat, root)
 
 
+def _by_case_name(files: list[Path], folder: Path) -> dict[str, Path]:
+    """``{case name: file}``; two files of one name (``a.nii`` and ``a.nii.gz``) are refused, as a pairing of
+    image and mask between them would be a guess."""
+    out: dict[str, Path] = {}
+    for f in files:
+        cid = case_stem(f)
+        if cid in out:
+            raise SpinesegError(f"{out[cid].name} and {f.name} have one case name ({cid!r}); keep one of them",
+                                folder)
+        out[cid] = f
+    return out
+
+
 def _pairs(root: Path, require_labels: bool) -> list[Case]:
     img_dir = root / "images"
     lab_dir = next((root / n for n in ("masks", "labels") if (root / n).is_dir()), None)
-    labels = {case_stem(p): p for p in _image_files(lab_dir)} if lab_dir else {}
+    images = _by_case_name(_image_files(img_dir), img_dir)
+    labels = _by_case_name(_image_files(lab_dir), lab_dir) if lab_dir else {}
+    for cid, lab in labels.items():
+        if cid not in images:  # a naming slip (case, a suffix): its image would be read as unlabelled
+            near = [f.name for c, f in images.items() if c.lower() == cid.lower()]
+            raise SpinesegError(f"mask has no image of its name in {img_dir}"
+                                + (f" (names differ in case: {near[0]})" if near else ""), lab)
     pat = _patients(root)
     cases = []
-    for f in _image_files(img_dir):
-        cid = case_stem(f)
+    for cid, f in images.items():
         lab = labels.get(cid)
         if lab is None and require_labels:
             raise SpinesegError(f"no mask for image {f.name} in {lab_dir or root / 'masks'}", f)
