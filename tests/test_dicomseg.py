@@ -166,3 +166,48 @@ def test_no_structure_anywhere_gives_no_seg(series, tmp_path):
     with pytest.raises(SpinesegError, match="no structure"):
         write_dicom_seg(tmp_path / "x.seg.dcm", np.zeros(image.data.shape, np.uint8), image, dicom_sources(image))
     assert not (tmp_path / "x.seg.dcm").exists()
+
+
+# Type 2 patient and study attributes that de-identification tools often delete outright
+DELETED_BY_ANONYMISERS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                          "StudyID", "AccessionNumber", "ReferringPhysicianName")
+
+
+def test_seg_from_a_de_identified_series(tmp_path):
+    """A series whose anonymiser deleted the Type 2 patient / study attributes still gets a valid SEG, with
+    those attributes present and empty, referencing every instance."""
+    import highdicom as hd
+
+    rng = np.random.default_rng(0)
+    uids = write_series(tmp_path / "s", [rng.integers(0, 1000, (24, 20)) for _ in range(2)])
+    for f in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(str(f))
+        for keyword in DELETED_BY_ANONYMISERS:
+            delattr(ds, keyword)
+        ds.save_as(str(f))
+    image = read_image(tmp_path / "s")
+    labels = np.zeros(image.data.shape, np.uint8)
+    labels[:, 5:10, 4:9] = 2
+    write_dicom_seg(tmp_path / "x.seg.dcm", labels, image, dicom_sources(image))
+    seg = hd.seg.segread(str(tmp_path / "x.seg.dcm"))
+    assert {sop for _, _, sop in seg.get_source_image_uids()} == set(uids)
+    for keyword in DELETED_BY_ANONYMISERS:
+        assert keyword in seg and not seg[keyword].value, keyword  # Type 2: present, empty
+
+
+def test_seg_refused_clearly_without_a_study_uid(tmp_path):
+    from spineseg.errors import SpinesegError
+
+    rng = np.random.default_rng(0)
+    write_series(tmp_path / "s", [rng.integers(0, 1000, (24, 20)) for _ in range(2)])
+    for f in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(str(f))
+        del ds.StudyInstanceUID
+        ds.save_as(str(f))
+    image = read_image(tmp_path / "s")
+    labels = np.zeros(image.data.shape, np.uint8)
+    labels[:, 5:10, 4:9] = 2
+    with pytest.raises(SpinesegError, match=r"StudyInstanceUID") as err:
+        write_dicom_seg(tmp_path / "x.seg.dcm", labels, image, dicom_sources(image))
+    assert "'FileDataset' object" not in str(err.value) and str(tmp_path / "s") in str(err.value)
+    assert not (tmp_path / "x.seg.dcm").exists()

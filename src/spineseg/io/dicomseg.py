@@ -19,6 +19,11 @@ from .images import DICOM_EXT, IMAGE_EXT, file_ext
 
 # the SEG's series gets its own number, far from the scanner's usual 1-99
 SEG_SERIES_NUMBER = 9901
+# the SEG joins its source's study and frame of reference, so without these there is nothing to join
+REQUIRED_SOURCE_ATTRIBUTES = ("StudyInstanceUID", "SeriesInstanceUID", "Modality")
+# Type 2 patient / study attributes (present, may be empty) that de-identification tools often delete outright
+TYPE2_SOURCE_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                           "StudyID", "AccessionNumber", "ReferringPhysicianName")
 
 
 def _segment_codes() -> dict[int, tuple[str, object]]:
@@ -125,6 +130,13 @@ def write_dicom_seg(path: str | Path, labels: np.ndarray, image, sources: list[d
         if frame.shape != (int(ds.Rows), int(ds.Columns)):
             raise SpinesegError(f"label slice {frame.shape} does not match the instance's {ds.Rows}x{ds.Columns} pixels",
                                 src["path"])
+        missing = [keyword for keyword in REQUIRED_SOURCE_ATTRIBUTES if not ds.get(keyword)]
+        if missing:
+            raise SpinesegError(f"cannot build a DICOM SEG: the source instance has no {', '.join(missing)}",
+                                src["path"])
+        for keyword in TYPE2_SOURCE_ATTRIBUTES:
+            if keyword not in ds:
+                setattr(ds, keyword, "")  # the SEG copies them; empty is what Type 2 allows
         frames.append(frame)
         datasets.append(ds)
     algorithm_id = hd.AlgorithmIdentificationSequence(name=algorithm or "spineseg", version=__version__,
