@@ -366,6 +366,34 @@ def test_a_mask_without_its_image_is_refused_naming_it(tmp_path):
     assert err.value.path.endswith("case1.nii.gz")
 
 
+def test_nnunet_images_not_named_case_0000_with_the_file_ending_are_refused_naming_them(tmp_path):
+    """An imagesTr file without ``_0000`` + ``file_ending`` was dropped without a word (or, when all were, the
+    data set 'held no images'), so a case could silently be missing from training."""
+    import json
+
+    (tmp_path / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz"}))
+    img, lab = np.ones((8, 8, 1), np.float32), np.zeros((8, 8, 1), np.uint8)
+    _nifti(tmp_path / "imagesTr" / "a_0000.nii.gz", img)
+    _nifti(tmp_path / "labelsTr" / "a.nii.gz", lab)
+    _nifti(tmp_path / "imagesTr" / "b.nii.gz", img)
+    _nifti(tmp_path / "labelsTr" / "b.nii.gz", lab)
+    with pytest.raises(SpinesegError, match=r"_0000\.nii\.gz") as err:
+        load_dataset(tmp_path)
+    assert err.value.path.endswith("b.nii.gz")
+    (tmp_path / "imagesTr" / "b.nii.gz").unlink()
+    _nifti(tmp_path / "imagesTr" / "b_0000.nii", img)  # .nii where dataset.json says .nii.gz
+    with pytest.raises(SpinesegError, match=r"file_ending") as err:
+        load_dataset(tmp_path)
+    assert err.value.path.endswith("b_0000.nii")
+    (tmp_path / "imagesTr" / "b_0000.nii").unlink()
+    _nifti(tmp_path / "imagesTr" / "a_0001.nii.gz", img)  # a second channel spineseg would not read
+    with pytest.raises(SpinesegError, match=r"channel") as err:
+        load_dataset(tmp_path)
+    assert err.value.path.endswith("a_0001.nii.gz")
+    (tmp_path / "imagesTr" / "a_0001.nii.gz").unlink()
+    assert [c.case_id for c in load_dataset(tmp_path)] == ["a"]
+
+
 def test_a_patient_written_with_surrounding_spaces_is_the_same_patient(tmp_path):
     """``c2, P1`` (a space after the comma) is patient P1: read as ' P1' it became a second patient, and P1's
     slices could be split between training and test."""

@@ -95,7 +95,11 @@ def _nnunet(root: Path, require_labels: bool) -> list[Case]:
         d = root / img_dir
         if not d.is_dir():
             continue
-        for f in sorted(d.glob(f"*_0000{ending}")):
+        for f in _image_files(d):
+            if f.is_dir():
+                continue
+            if not f.name.endswith(f"_0000{ending}"):
+                _refuse_nnunet_name(f, ending)
             cid = f.name[: -len(f"_0000{ending}")]
             lab = root / lab_dir / f"{cid}{ending}"
             if not lab.exists():
@@ -104,6 +108,19 @@ def _nnunet(root: Path, require_labels: bool) -> list[Case]:
                 lab = None
             cases.append(Case(cid, f, lab, cid, subset))
     return _with_patients(cases, pat, root)
+
+
+def _refuse_nnunet_name(f: Path, ending: str) -> None:
+    """An image in imagesTr / imagesTs that is not ``{case}_0000{file_ending}``: it would be left out silently."""
+    stem = f.name[: -len(ending)] if f.name.endswith(ending) else case_stem(f)
+    if f.name.endswith(ending) and len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+        raise SpinesegError(f"channel {stem[-4:]} of case {stem[:-5]!r}: spineseg reads one channel, "
+                            f"{stem[:-5]}_0000{ending}", f)
+    if not f.name.endswith(ending):
+        raise SpinesegError(f"file ending {file_ext(f)!r} is not dataset.json's file_ending {ending!r} "
+                            f"(expected {stem.removesuffix('_0000')}_0000{ending})", f)
+    raise SpinesegError(f"not named {{case}}_0000{ending}, as nnU-Net raw images are (expected {stem}_0000{ending})",
+                        f)
 
 
 def _by_case_name(files: list[Path], folder: Path) -> dict[str, Path]:
