@@ -211,3 +211,22 @@ def test_seg_refused_clearly_without_a_study_uid(tmp_path):
         write_dicom_seg(tmp_path / "x.seg.dcm", labels, image, dicom_sources(image))
     assert "'FileDataset' object" not in str(err.value) and str(tmp_path / "s") in str(err.value)
     assert not (tmp_path / "x.seg.dcm").exists()
+
+
+def test_seg_of_a_sagittal_series_is_refused_saying_why(tmp_path):
+    """Display slices of a sagittal series cut across its images, so no frame can reference one instance: the
+    refusal says that, not a count of instances against slices."""
+    from spineseg.errors import SpinesegError
+
+    rng = np.random.default_rng(0)
+    write_series(tmp_path / "s", [rng.integers(0, 1000, (24, 20)) for _ in range(3)])
+    for f in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(str(f))
+        ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # sagittal: rows run posterior, columns inferior
+        ds.ImagePositionPatient = [4.0 * int(ds.InstanceNumber), -80.0, 20.0]
+        ds.save_as(str(f))
+    image = read_image(tmp_path / "s")
+    assert image.num_slices == 24  # axial display slices, one per image row
+    with pytest.raises(SpinesegError, match=r"not axial") as err:
+        dicom_sources(image)
+    assert str(tmp_path / "s") in str(err.value)

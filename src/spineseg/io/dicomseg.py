@@ -79,6 +79,14 @@ def file_to_display_slices(image) -> np.ndarray:
     return np.moveaxis(layout, axis, -1).reshape(-1, layout.shape[axis])[0].astype(int)
 
 
+def _slices_are_instances(image) -> bool:
+    """Whether the display slices run along the file's slice axis (the DICOM instances), as for an axial series."""
+    from nibabel import orientations as nio
+
+    to_display = nio.ornt_transform(image.ornt, nio.axcodes2ornt(("L", "P", "S")))
+    return len(image.file_shape) < 3 or int(to_display[2, 0]) == 2
+
+
 def dicom_sources(image) -> list[dict] | None:
     """Per display slice, its source instance (``path``, ``sop_instance_uid``, ...); None for non-DICOM input.
 
@@ -90,6 +98,9 @@ def dicom_sources(image) -> list[dict] | None:
     source = Path(image.source)
     if not _is_dicom_source(source):
         return None
+    if image.ornt is not None and not _slices_are_instances(image):
+        raise SpinesegError("no DICOM SEG: the series is not axial (sagittal or coronal images), so every axial "
+                            "slice cuts across all of its images and no frame can reference one instance", source)
     series = _sorted_series(source)
     if len(series) != image.num_slices:
         raise SpinesegError(f"found {len(series)} DICOM instances for an image of {image.num_slices} slices", source)
