@@ -139,3 +139,32 @@ def test_measurements_csv_and_narrowest_slice_summary(tmp_path):
     assert len(summary) == 1  # only the volume gets a summary
     assert summary[0]["narrowest_slice"] == "1" and summary[0]["stenosis"] == "absolute"
     assert summary[0]["slices_relative"] == "1" and summary[0]["slices_absolute"] == "1"
+
+
+def test_a_failed_summary_write_leaves_no_summary_of_an_earlier_run(tmp_path, monkeypatch):
+    """measurements.csv and measurements_summary.csv describe one run: when writing the summary fails (a full
+    disk), the earlier run's summary must not stay beside the new measurements."""
+    import spineseg.infer.measure as measure
+
+    def volume(case, area):
+        return [{"case": case, "stack": 0, "slice": i, "position_mm": 4.0 * i, "canal_area_mm2": area, "canal_ap_mm": 14.0,
+                 "canal_transverse_mm": 20.0, "body_area_mm2": 900.0, "lamina_area_mm2": 300.0,
+                 "lamina_thickness_mm": 6.0, "stenosis": "none"} for i in range(2)]
+
+    write_measurements(tmp_path, volume("earlier", 180.0))
+    assert "earlier" in (tmp_path / "measurements_summary.csv").read_text()
+    real_write = measure.atomic_write_text
+
+    def write_failing_summary(path, text):
+        if path.name == "measurements_summary.csv":
+            raise OSError(28, "No space left on device", str(path))
+        real_write(path, text)
+
+    monkeypatch.setattr(measure, "atomic_write_text", write_failing_summary)
+    with pytest.raises(OSError):
+        write_measurements(tmp_path, volume("later", 150.0))
+    measurements = (tmp_path / "measurements.csv").read_text()
+    summary = tmp_path / "measurements_summary.csv"
+    summary_cases = {r["case"] for r in csv.DictReader(summary.open())} if summary.exists() else set()
+    measured_cases = {r["case"] for r in csv.DictReader(measurements.splitlines())}
+    assert summary_cases <= measured_cases, (summary_cases, measured_cases)

@@ -247,6 +247,8 @@ def write_measurements(folder: str | Path, rows: list[dict]) -> list[Path]:
     for r in rows:
         by_case.setdefault((r["case"], r["stack"]), []).append(r)
     summaries = [narrowest(group) for group in by_case.values() if len(group) > 1]
+    # the earlier summary goes first: a write that fails after it leaves no summary rather than a stale one
+    written[1].unlink(missing_ok=True)
     atomic_write_text(written[0], csv_text(rows, MEASUREMENT_COLUMNS))
     atomic_write_text(written[1], csv_text(summaries, SUMMARY_COLUMNS))
     return written
