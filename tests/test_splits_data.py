@@ -402,3 +402,34 @@ def test_a_patient_written_with_surrounding_spaces_is_the_same_patient(tmp_path)
         _nifti(tmp_path / "masks" / f"{c}.nii.gz", np.zeros((8, 8, 1), np.uint8))
     (tmp_path / "cases.csv").write_text("case,patient\nc1,P1\nc2, P1\n c3 ,P2 \n")
     assert {c.case_id: c.patient for c in load_dataset(tmp_path)} == {"c1": "P1", "c2": "P1", "c3": "P2"}
+
+
+def test_a_mask_on_another_voxel_grid_than_its_image_is_refused(tmp_path):
+    """Image and mask of one shape but another spacing or axis direction (a mask saved with an identity affine,
+    say) were paired voxel by voxel after each was turned to the display convention by its own header: the mask
+    came out mirrored or mis-scaled against the image without a word. The same grid stored in another voxel
+    order is the same pair and is read."""
+    from spineseg.data.phantom import phantom_slice
+    from spineseg.io.images import save_slice_nifti, slice_affine
+    from spineseg.io.nnunet import export_nnunet
+
+    s = phantom_slice(0, 4, 1, size=128, spacing=1.5)
+    img, lab = s.image.T[:, :, None].astype(np.float32), s.label.T[:, :, None].astype(np.uint8)
+    good = slice_affine(s.spacing)
+    save_slice_nifti(tmp_path / "images" / "a.nii.gz", s.image.astype(np.float32), s.spacing)
+    cfg = PreprocessConfig(target_size=64)
+    for name, affine in (("identity", np.eye(4)), ("mirrored", good @ np.diag([-1.0, 1.0, 1.0, 1.0]))):
+        _nifti(tmp_path / "masks" / "a.nii.gz", lab, affine)
+        with pytest.raises(SpinesegError, match="voxel grid") as err:
+            prepare_slices(load_dataset(tmp_path), cfg)
+        assert err.value.path.endswith("a.nii.gz") and "masks" in err.value.path, name
+        with pytest.raises(SpinesegError, match="voxel grid"):
+            export_nnunet(tmp_path, tmp_path / "raw")
+        assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
+    # the same grid stored left-right reversed (another tool's voxel order): the same pair
+    flip = good @ np.array([[-1, 0, 0, img.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    _nifti(tmp_path / "masks" / "a.nii.gz", lab[::-1], flip)
+    (rec,) = prepare_slices(load_dataset(tmp_path), cfg)
+    _nifti(tmp_path / "masks" / "a.nii.gz", lab, good)
+    (same,) = prepare_slices(load_dataset(tmp_path), cfg)
+    assert np.array_equal(rec.label, same.label) and rec.label.any()

@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import SpinesegError
 from ..progress import progress as progress_bar
-from ..io.images import check_pair, read_image, read_label
-from ..io.layouts import Case
+from ..io.images import read_image, read_label
+from ..io.layouts import Case, check_label_grid
 from ..preprocess.pipeline import NO_CONTENT, Geometry, PreprocessCache, PreprocessConfig, preprocess_slice
 from .augment import AugmentConfig, augment, geometry_only
 
@@ -48,7 +48,7 @@ def prepare_slices(cases: list[Case], cfg: PreprocessConfig, cache: PreprocessCa
         lab = None
         if case.label is not None:
             lab = read_label(case.label, spacing=spacing)
-            check_pair(img, lab)
+            check_label_grid(img, lab)
         for i in range(img.num_slices):
             key = cache.key(case.image, case.label, i, cfg) if cache is not None else None
             hit = cache.get(key) if key is not None else None

@@ -8,8 +8,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from nibabel import orientations as nio
+
 from ..errors import SpinesegError
-from .images import IMAGE_EXT, case_stem, file_ext
+from .images import IMAGE_EXT, Image, case_stem, check_pair, file_ext
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,38 @@ class Case:
     label: Path | None
     patient: str
     subset: str = "train"  # "train" (imagesTr / images) or "test" (imagesTs)
+
+
+def _display_grid(img: Image) -> np.ndarray:
+    """RAS affine of the display-convention array's voxels, indexed (column, row, slice)."""
+    shape = tuple(img.file_shape) + (1,) * (3 - len(img.file_shape))
+    tr = nio.ornt_transform(img.ornt, nio.axcodes2ornt(("L", "P", "S")))
+    return np.asarray(img.affine, float) @ nio.inv_ornt_aff(tr, shape)
+
+
+def check_label_grid(image: Image, label: Image) -> None:
+    """Refuse a label map that is not on its image's voxel grid: another shape, another spacing or axis direction,
+    or (where the two files store their voxels in different orders) another position. Each file is turned to the
+    display convention by its own header, so a mask whose header disagrees with its image's (one saved with an
+    identity affine, say) would come out mis-scaled or mirrored against the image. The same grid stored in
+    another voxel order is the same grid; files in one voxel order pair voxel by voxel, whatever their origins."""
+    check_pair(image, label)
+    img_grid, lab_grid = _display_grid(image), _display_grid(label)
+    axes = 2 if image.num_slices == 1 else 3  # one slice: its thickness and normal play no part
+    size = np.linalg.norm(img_grid[:3, :axes], axis=0)
+    same_axes = np.all(np.linalg.norm(img_grid[:3, :axes] - lab_grid[:3, :axes], axis=0) <= 0.01 * size)
+    same_order = np.array_equal(image.ornt, label.ornt)
+    if same_axes and (same_order or np.linalg.norm(img_grid[:3, 3] - lab_grid[:3, 3]) <= 0.5 * size.min()):
+        return
+
+    def grid(img, g):
+        spacing = np.linalg.norm(g[:3, :axes], axis=0)[::-1]  # (slice,) row, column
+        return (f"{' x '.join(f'{v:.4g}' for v in spacing)} mm, {''.join(nio.aff2axcodes(img.affine))}, "
+                f"origin {np.round(np.asarray(img.affine)[:3, 3], 1).tolist()}")
+
+    raise SpinesegError(f"mask's voxel grid ({grid(label, lab_grid)}) is not its image's ({grid(image, img_grid)}, "
+                        f"{image.source}): save the mask with the image's header (spacing, orientation, origin)",
+                        label.source)
 
 
 def _image_files(folder: Path) -> list[Path]:

@@ -20,7 +20,7 @@ from .. import LABELS
 from ..errors import SpinesegError
 from .atomic import atomic_dir, atomic_write_text
 from .images import read_image, read_label, save_slice_nifti
-from .layouts import PATIENT_MAP, load_dataset
+from .layouts import PATIENT_MAP, check_label_grid, load_dataset
 
 SLICE_SUFFIX = re.compile(r"^(?P<case>.+)_s(?P<idx>\d{3})$")
 
@@ -38,8 +38,7 @@ def export_nnunet(data: str | Path, raw: str | Path, splits: list[dict] | None =
         for c in cases:
             img = read_image(c.image)
             lab = read_label(c.label)
-            if img.data.shape != lab.data.shape:
-                raise SpinesegError(f"mask size {lab.data.shape} does not match image {img.data.shape}", c.label)
+            check_label_grid(img, lab)
             ids = [c.case_id] if img.num_slices == 1 else [f"{c.case_id}_s{i:03d}" for i in range(img.num_slices)]
             for i, cid in enumerate(ids):
                 save_slice_nifti(tmp / "imagesTr" / f"{cid}_0000.nii.gz", img.data[i].astype(np.float32), img.spacing,
