@@ -433,3 +433,33 @@ def test_a_mask_on_another_voxel_grid_than_its_image_is_refused(tmp_path):
     _nifti(tmp_path / "masks" / "a.nii.gz", lab, good)
     (same,) = prepare_slices(load_dataset(tmp_path), cfg)
     assert np.array_equal(rec.label, same.label) and rec.label.any()
+
+
+def test_nnunet_export_and_import_keep_every_case_whatever_its_name(tmp_path):
+    """A single-slice case named like a volume's slice (``a_s001`` beside the 3-slice case ``a``, or ``x_s002``)
+    was written over ``a``'s slice file on export, and on import re-joined under the wrong case name."""
+    import shutil
+
+    from spineseg.io.images import read_label
+    from spineseg.io.nnunet import export_nnunet, import_nnunet
+
+    rng = np.random.default_rng(0)
+    labels = {"a": rng.integers(0, 4, (6, 5, 3)), "a_s001": rng.integers(0, 4, (6, 5, 1)),
+              "x_s002": rng.integers(0, 4, (6, 5, 1))}
+    for cid, lab in labels.items():
+        _nifti(tmp_path / "data" / "images" / f"{cid}.nii.gz", rng.random(lab.shape).astype(np.float32))
+        _nifti(tmp_path / "data" / "masks" / f"{cid}.nii.gz", lab.astype(np.uint8))
+    folder = export_nnunet(tmp_path / "data", tmp_path / "raw")
+    assert len(list((folder / "labelsTr").iterdir())) == 5 == len(list((folder / "imagesTr").iterdir()))
+    pred = tmp_path / "nnpred"  # nnU-Net's predictions: here the exported labels themselves
+    shutil.copytree(folder / "labelsTr", pred)
+    run = import_nnunet(pred, tmp_path / "run")
+    assert sorted(p.name for p in (run / "pred").iterdir()) == ["a.nii.gz", "a_s001.nii.gz", "x_s002.nii.gz"]
+    for cid in labels:
+        got = read_label(run / "pred" / f"{cid}.nii.gz").data
+        assert np.array_equal(got, read_label(tmp_path / "data" / "masks" / f"{cid}.nii.gz").data), cid
+    (pred / "a_s001.nii.gz").unlink()  # a volume's slice nnU-Net did not predict: refused, not skipped over
+    with pytest.raises(SpinesegError, match="no prediction for slice 001"):
+        import_nnunet(pred, tmp_path / "run2")
+    assert not (tmp_path / "run2").exists()
+

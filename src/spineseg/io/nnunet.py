@@ -39,7 +39,9 @@ def export_nnunet(data: str | Path, raw: str | Path, splits: list[dict] | None =
             img = read_image(c.image)
             lab = read_label(c.label)
             check_label_grid(img, lab)
-            ids = [c.case_id] if img.num_slices == 1 else [f"{c.case_id}_s{i:03d}" for i in range(img.num_slices)]
+            # a single slice keeps its name unless import would read that as a volume's slice (a_s001 -> a)
+            single = img.num_slices == 1 and not SLICE_SUFFIX.match(c.case_id)
+            ids = [c.case_id] if single else [f"{c.case_id}_s{i:03d}" for i in range(img.num_slices)]
             for i, cid in enumerate(ids):
                 save_slice_nifti(tmp / "imagesTr" / f"{cid}_0000.nii.gz", img.data[i].astype(np.float32), img.spacing,
                                  img.slice_thickness)
@@ -85,6 +87,10 @@ def import_nnunet(pred_dir: str | Path, out: str | Path, name: str = "nnunet", o
         (tmp / "pred").mkdir()
         for case, items in groups.items():
             items.sort()
+            missing = sorted(set(range(items[-1][0] + 1)) - {i for i, _ in items})
+            if missing:
+                raise SpinesegError(f"case {case}: no prediction for slice {missing[0]:03d} "
+                                    f"({case}_s{missing[0]:03d}.nii.gz) of its {items[-1][0] + 1}", pred_dir)
             labs = [read_label(f) for _, f in items]
             ref = labs[0]
             data = np.concatenate([lab.data for lab in labs], axis=0)
