@@ -463,3 +463,15 @@ def test_nnunet_export_and_import_keep_every_case_whatever_its_name(tmp_path):
         import_nnunet(pred, tmp_path / "run2")
     assert not (tmp_path / "run2").exists()
 
+
+def test_nnunet_export_writes_a_patient_map_it_reads_back(tmp_path):
+    """The exported cases.csv is CSV: a patient id holding a comma ("Doe, J") comes back whole, not cut at it."""
+    from spineseg.io.layouts import read_patient_map
+    from spineseg.io.nnunet import export_nnunet
+
+    for cid in ("c1", "c2"):
+        _nifti(tmp_path / "data" / "images" / f"{cid}.nii.gz", np.ones((6, 5, 1), np.float32))
+        _nifti(tmp_path / "data" / "masks" / f"{cid}.nii.gz", np.zeros((6, 5, 1), np.uint8))
+    (tmp_path / "data" / "cases.csv").write_text('case,patient\nc1,"Doe, J"\nc2,"Doe, K"\n')
+    folder = export_nnunet(tmp_path / "data", tmp_path / "raw")
+    assert read_patient_map(folder / "cases.csv") == {"c1": "Doe, J", "c2": "Doe, K"}

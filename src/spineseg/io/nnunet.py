@@ -10,6 +10,8 @@ and ``spineseg compare`` read like any other model's.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 from pathlib import Path
@@ -49,8 +51,10 @@ def export_nnunet(data: str | Path, raw: str | Path, splits: list[dict] | None =
             mapping[c.case_id] = ids
         n = sum(len(v) for v in mapping.values())
         # the patient map travels with the cases, so nnU-Net's folds (and anyone else's) stay patient-level
-        patient_rows = "".join(f"{i},{c.patient}\n" for c in cases for i in mapping[c.case_id])
-        atomic_write_text(tmp / PATIENT_MAP, "case,patient\n" + patient_rows)
+        rows = io.StringIO()
+        csv.writer(rows, lineterminator="\n").writerows([("case", "patient")] + [
+            (i, c.patient) for c in cases for i in mapping[c.case_id]])
+        atomic_write_text(tmp / PATIENT_MAP, rows.getvalue())
         meta = {"channel_names": {"0": "T2"}, "labels": dict(LABELS), "numTraining": n, "file_ending": ".nii.gz",
                 "name": name, "description": "exported by spineseg; single-slice NIfTI, pixel spacing kept"}
         atomic_write_text(tmp / "dataset.json", json.dumps(meta, indent=2) + "\n")
