@@ -108,3 +108,19 @@ def test_cache_avoids_recomputation(tmp_path, small_phantom, monkeypatch):
     # other parameters are another key: computed again
     with pytest.raises(AssertionError, match="recomputed"):
         dsmod.prepare_slices(cases, PreprocessConfig(target_size=64, clahe=False), cache)
+
+
+def test_the_preprocess_cache_keeps_a_raster_read_at_another_spacing_apart(tmp_path):
+    """A PNG's pixel spacing is given, not stored: the cache must not hand back slices preprocessed at the
+    spacing of an earlier run (a wrong --spacing corrected) as if they were read at the new one."""
+    from spineseg.data.dataset import prepare_slices
+    from spineseg.io.images import save_png
+    from spineseg.io.layouts import Case
+
+    s = phantom_slice(0, 4, 1, size=160, spacing=1.0, positions=BEFORE_DISC_CHANGE)
+    save_png(tmp_path / "a.png", s.image)
+    case, cfg, cache = Case("a", tmp_path / "a.png", None, "a"), PreprocessConfig(target_size=64), \
+        PreprocessCache(tmp_path / "cache")
+    for spacing in (0.5, 1.0, 0.5):
+        (rec,) = prepare_slices([case], cfg, cache, spacing=spacing)
+        assert rec.geometry.spacing == (spacing, spacing)
