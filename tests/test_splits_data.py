@@ -475,3 +475,19 @@ def test_nnunet_export_writes_a_patient_map_it_reads_back(tmp_path):
     (tmp_path / "data" / "cases.csv").write_text('case,patient\nc1,"Doe, J"\nc2,"Doe, K"\n')
     folder = export_nnunet(tmp_path / "data", tmp_path / "raw")
     assert read_patient_map(folder / "cases.csv") == {"c1": "Doe, J", "c2": "Doe, K"}
+
+
+def test_nnunet_export_refuses_a_split_file_that_puts_one_patient_on_both_sides(tmp_path):
+    """nnU-Net would train on one of P1's cases and test on the other: the exported splits_final.json must be
+    patient-level like every split spineseg trains on."""
+    from spineseg.io.nnunet import export_nnunet
+
+    for cid in ("c1", "c2", "c3"):
+        _nifti(tmp_path / "data" / "images" / f"{cid}.nii.gz", np.ones((6, 5, 1), np.float32))
+        _nifti(tmp_path / "data" / "masks" / f"{cid}.nii.gz", np.zeros((6, 5, 1), np.uint8))
+    (tmp_path / "data" / "cases.csv").write_text("case,patient\nc1,P1\nc2,P1\nc3,P2\n")
+    leaky = [{"train": ["c1", "c3"], "val": [], "test": ["c2"]}]
+    with pytest.raises(SpinesegError, match="patient 'P1'.*leakage"):
+        export_nnunet(tmp_path / "data", tmp_path / "raw", leaky)
+    assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
+    export_nnunet(tmp_path / "data", tmp_path / "raw", [{"train": ["c3"], "val": [], "test": ["c1", "c2"]}])

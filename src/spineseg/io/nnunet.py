@@ -60,12 +60,17 @@ def export_nnunet(data: str | Path, raw: str | Path, splits: list[dict] | None =
         atomic_write_text(tmp / "dataset.json", json.dumps(meta, indent=2) + "\n")
         if splits is not None:
             nn_splits = []
+            patient_of = {c.case_id: c.patient for c in cases}
             for s in splits:
                 unknown = [c for k in ("train", "val", "test") for c in s.get(k, []) if c not in mapping]
                 if unknown:
                     raise SpinesegError(f"splits name cases not in the data set: {unknown[:3]}")
                 held_out = s.get("test") or s["val"]
                 train = [c for k in ("train", "val") for c in s[k] if c not in held_out]
+                leaked = sorted({patient_of[c] for c in train} & {patient_of[c] for c in held_out})
+                if leaked:
+                    raise SpinesegError(f"split {len(nn_splits)}: patient {leaked[0]!r} is in both nnU-Net's train "
+                                        "and its held-out cases: patient leakage")
                 nn_splits.append({"train": sorted(i for c in train for i in mapping[c]),
                                   "val": sorted(i for c in held_out for i in mapping[c])})
             atomic_write_text(tmp / "splits_final.json", json.dumps(nn_splits, indent=1) + "\n")
