@@ -298,3 +298,44 @@ def test_sanity_command_on_a_real_volume(realdata, tmp_path, capsys):
         assert int(r["regions_vertebral_body_post"]) <= int(r["regions_vertebral_body_raw"])
     assert "order raw" in capsys.readouterr().out
     assert (out / "montage_TUM01_water_img_img_L2-L5.png").stat().st_size > 20000
+
+
+@pytest.mark.parametrize("patient,k", [(0, 0), (1, 0), (2, 2), (4, 1), (5, 3)])
+def test_half_a_body_is_lopsided_and_a_whole_one_is_not(patient, k):
+    from spineseg.anatomy.order import LOPSIDED_BODY
+
+    s, plane = _truth(patient, k)
+    whole, half = check_slice(s.label, plane), check_slice(_half_body(s.label), plane)
+    assert whole["body_balance"] >= 0.6  # a whole body straddles the midline through the canal
+    assert half["body_balance"] < LOPSIDED_BODY <= whole["body_balance"]
+    assert check_slice(np.where(s.label == BODY, 0, s.label), plane)["body_balance"] is None
+
+
+@pytest.mark.parametrize("patient,k", [(0, 2), (0, 3)])
+def test_a_whole_body_of_a_rotated_spine_is_balanced_about_the_lamina_axis(patient, k):
+    s, plane = _truth(patient, k)  # axially rotated: the world anterior-posterior line cuts the body unevenly
+    assert check_slice(s.label, plane)["body_balance"] >= 0.9
+
+
+class _HalfBodyPredictor(_KnownPredictor):
+    """post = the truth of patients 1 and 2 with half of each body removed; raw = the truth with its body
+    replaced by a speck (9 pixels, about 14 mm^2) on one side."""
+
+    def predict_both(self, image):
+        truth = np.stack([_truth(p)[0].label for p in range(1, 1 + image.num_slices)])
+        raw = np.where(truth == BODY, 0, truth)
+        for t, r in zip(truth, raw):
+            row, col = np.argwhere(t == BODY).min(0)
+            r[row:row + 3, col:col + 3] = BODY
+        return raw, np.stack([_half_body(t) for t in truth])
+
+
+def test_report_counts_lopsided_bodies_per_stage(tmp_path):
+    volume = np.stack([_truth(p)[0].image for p in (1, 2)]).astype(np.float32)
+    save_nifti(tmp_path / "vol.nii.gz", np.transpose(volume, (2, 1, 0)), slice_affine((1.25, 1.25), 4.0))
+    run_sanity(_HalfBodyPredictor(), [tmp_path / "vol.nii.gz"], tmp_path / "out", progress=False)
+    summary = json.loads((tmp_path / "out" / "sanity.json").read_text())["overall"]
+    assert summary["raw"]["lopsided_bodies"] == 0 and summary["post"]["lopsided_bodies"] == 2
+    rows = list(csv.DictReader((tmp_path / "out" / "sanity.csv").open()))
+    # both are lopsided, but a raw speck is not a body: only the post-processed half bodies are counted
+    assert all(float(r["body_balance_post"]) < 0.25 and float(r["body_balance_raw"]) < 0.25 for r in rows)

@@ -19,7 +19,8 @@ import numpy as np
 from nibabel import orientations as nio
 
 from .. import STRUCTURES
-from ..anatomy.order import DISPLAY_TO_GRID, SHORT, check_slice, midline_distance
+from ..anatomy.order import DISPLAY_TO_GRID, LOPSIDED_BODY, SHORT, check_slice, midline_distance
+from ..anatomy.postprocess import MIN_BODY_MM2
 from ..errors import SpinesegError
 from ..io.atomic import atomic_path, atomic_write_text
 from ..io.images import case_stem, read_images, slice_affine, stack_output_name
@@ -74,8 +75,16 @@ def summarise(rows: list[dict]) -> dict:
                       "both_laminae_of_passing": both,
                       "both_laminae_fraction": both / len(passing) if passing else 0.0,
                       "passing_without_body": sum(not r[f"body_found_{stage}"] for r in passing),
-                      "area_warnings": sum(bool(r[f"area_warning_{stage}"]) for r in rows)}
+                      "area_warnings": sum(bool(r[f"area_warning_{stage}"]) for r in rows),
+                      "lopsided_bodies": sum(_lopsided(r, stage) for r in rows)}
     return out
+
+
+def _lopsided(row: dict, stage: str) -> bool:
+    """A body, not a speck (at least MIN_BODY_MM2), lopsided about the canal's midline."""
+    balance = row[f"body_balance_{stage}"]
+    big_enough = row[f"area_vertebral_body_mm2_{stage}"] >= MIN_BODY_MM2
+    return balance is not None and balance < LOPSIDED_BODY and big_enough
 
 
 def summary_line(name: str, s: dict) -> str:
@@ -89,7 +98,7 @@ def summary_line(name: str, s: dict) -> str:
 
 _VERDICTS = ("order", "both_laminae", "reason", "area_warning", "body_found")
 _MEASURES = tuple(f"area_{s}_mm2" for s in STRUCTURES) + tuple(f"regions_{s}" for s in STRUCTURES) + (
-    "lamina_left_mm2", "lamina_right_mm2")
+    "lamina_left_mm2", "lamina_right_mm2", "body_balance")
 CSV_COLUMNS = (("input", "source", "slice") + tuple(f"{k}_{stage}" for k in _VERDICTS for stage in STAGES)
                + tuple(f"{k}_{stage}" for stage in STAGES for k in _MEASURES))
 
@@ -109,7 +118,8 @@ def _crop(raw: np.ndarray, post: np.ndarray, spacing) -> tuple[slice, slice]:
 
 
 def _verdict(row: dict, stage: str) -> str:
-    return ("pass" if row[f"order_{stage}"] else "FAIL") + ("" if row[f"both_laminae_{stage}"] else " 1L")
+    return (("pass" if row[f"order_{stage}"] else "FAIL") + ("" if row[f"both_laminae_{stage}"] else " 1L")
+            + (" LB" if _lopsided(row, stage) else ""))
 
 
 def montage(panels: list[dict], path: str | Path, title: str, ncols: int = 6) -> None:
@@ -142,7 +152,8 @@ def montage(panels: list[dict], path: str | Path, title: str, ncols: int = 6) ->
                      color="black" if r["order_post"] else "red")
     fig.suptitle(f"{title}\nsolid: post-processed, dashed: raw; body blue, canal green, lamina orange; "
                  "FAIL = order rule fails, 1L = both laminae not found\n"
-                 "dotted yellow (post 1L): the body-canal midline the lamina sides are split by", fontsize=8)
+                 "dotted yellow (post 1L): the body-canal midline the lamina sides are split by; LB = a body (not a "
+                 "speck) lopsided about the canal's midline", fontsize=8)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
@@ -209,6 +220,9 @@ def run_sanity(predictor, inputs, out, spacing: float | None = None, slices: tup
               "rule": "order: canal and laminae present; body present or absent (disc level); body and canal one "
                       "4-connected region each; body anterior of canal, canal anterior of laminae (world "
                       "coordinates); canal between body and laminae. both laminae: lamina area on each side of "
-                      "the body-canal axis. Area warnings are not part of order."}
+                      "the body-canal axis. Area warnings are not part of order. body balance (not part of order): "
+                      "smaller over larger body area either side of a midline through the canal's centre, the "
+                      "better of the world anterior-posterior line and the line from the laminae's centre; a body "
+                      f"of {MIN_BODY_MM2:.0f} mm2 or more is lopsided below {LOPSIDED_BODY}."}
     atomic_write_text(out / "sanity.json", json.dumps(report, indent=1) + "\n")
     return {**report, "rows": all_rows, "montages": montages}
