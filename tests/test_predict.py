@@ -302,3 +302,18 @@ def test_a_new_run_replaces_the_summary_of_an_earlier_one(tmp_path, phantom_file
     assert (out / "measurements.csv").read_text().count("\n") == 2 and "slice1" in (out / "measurements.csv").read_text()
     summary = (out / "measurements_summary.csv").read_text()
     assert summary.startswith("case,stack,slices,") and summary.count("\n") == 1  # the header only: nothing stale
+
+
+def test_a_refused_dicom_seg_keeps_the_report_section_of_what_was_written(tmp_path, phantom_files, monkeypatch):
+    import spineseg.infer.predict as predict
+
+    def refused(out, stack_name, labels, image, predictor):
+        raise SpinesegError("no DICOM SEG: the series is not axial", image.source)
+
+    monkeypatch.setattr(predict, "_write_dicom_seg", refused)
+    res = predict.predict_run("pretrained", [phantom_files / "slice0.nii.gz"], tmp_path / "out", progress=False,
+                              overlays=False, dicom_seg=True, report=True)
+    assert len(res.errors) == 1 and "not axial" in res.errors[0]  # the SEG the user asked for is an error ...
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<h2>slice0</h2>" in page and "not axial" in page  # ... beside the case's label map and measurements
+    assert (tmp_path / "out" / "slice0.nii.gz").exists()

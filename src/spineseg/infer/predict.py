@@ -289,12 +289,12 @@ def predict_run(checkpoint, inputs, out, spacing: float | None = None, device: s
                 rows.extend(case_rows)
                 if len(case_rows) > 1:
                     res.summaries.append(narrowest(case_rows))
-                if dicom_seg:
-                    res.dicom_seg.extend(_write_dicom_seg(out, name_k, labels, image, predictor))
-                if report:
+                if report:  # before the SEG: a stack whose SEG is refused keeps the section of what was written
                     from .report import case_section
 
                     sections.append(case_section(name_k, image, raw, labels, case_rows, thresholds))
+                if dicom_seg:
+                    res.dicom_seg.extend(_write_dicom_seg(out, name_k, labels, image, predictor))
             except Exception as exc:
                 which = None if len(loaders) == 1 else f"stack {k} of {len(loaders)} ({name_k})"
                 _report_failure(res, exc, path, out, which)
