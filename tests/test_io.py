@@ -118,6 +118,20 @@ def test_png_needs_spacing(tmp_path):
     assert img.data.shape == (1, 48, 64) and img.spacing == (0.5, 0.5)
 
 
+def test_a_palette_png_mask_keeps_its_class_indices(tmp_path):
+    from PIL import Image as PILImage
+
+    classes = np.zeros((40, 50), np.uint8)
+    classes[5:15, 10:40], classes[18:24, 20:30], classes[28:34, 12:38] = 1, 2, 3
+    mask = PILImage.fromarray(classes, mode="P")
+    mask.putpalette([0, 0, 0, 0, 0, 255, 0, 255, 0, 255, 165, 0] + [0] * 744)  # blue body, green canal, orange lamina
+    mask.save(tmp_path / "mask.png")
+    lab = read_label(tmp_path / "mask.png", spacing=0.5)
+    assert np.array_equal(lab.data[0], classes)  # the indices, not the colours' grey levels
+    grey = read_image(tmp_path / "mask.png", spacing=0.5)  # as an image, a palette PNG is what it looks like
+    assert float(grey.data[0][20, 25]) != 2.0
+
+
 @pytest.mark.parametrize("content,msg", [(b"", "empty"), (b"not an image at all" * 10, "cannot read")])
 def test_corrupt_files_name_the_file(tmp_path, content, msg):
     f = tmp_path / "broken.nii.gz"

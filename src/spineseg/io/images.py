@@ -248,7 +248,7 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, _LPS_TO_RAS @ lps
 
 
-def _read_raster(path: Path, spacing: float | None) -> tuple[np.ndarray, np.ndarray]:
+def _read_raster(path: Path, spacing: float | None, kind: str = "image") -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image as PILImage
 
     if spacing is None:
@@ -261,7 +261,8 @@ def _read_raster(path: Path, spacing: float | None) -> tuple[np.ndarray, np.ndar
             if frames > 1:
                 raise SpinesegError(f"holds {frames} pages or frames; spineseg reads single-page 2D images (save "
                                     "each slice as its own file, or the stack as NIfTI)", path)
-            if im.mode in ("RGB", "RGBA", "P", "LA"):
+            # a palette ("P") label map holds class indices, as labelling tools save masks: kept, not made grey
+            if im.mode in ("RGB", "RGBA", "P", "LA") and not (kind == "label" and im.mode == "P"):
                 im = im.convert("L")
             arr = np.array(im)
     except SpinesegError:
@@ -275,7 +276,7 @@ def _read_raster(path: Path, spacing: float | None) -> tuple[np.ndarray, np.ndar
     return data, affine
 
 
-def _grid_loaders(path: Path, spacing: float | None) -> list:
+def _grid_loaders(path: Path, spacing: float | None, kind: str = "image") -> list:
     """Per stack of one input, a function giving ``(voxels, RAS affine, DICOM sources per slice or None)``.
 
     A problem with the input as a whole is raised here; a DICOM stack's pixels are decoded when its
@@ -292,7 +293,7 @@ def _grid_loaders(path: Path, spacing: float | None) -> list:
     elif ext in ITK_EXT:
         grid = _read_itk(path) + (None,)
     elif ext in RASTER_EXT:
-        grid = _read_raster(path, spacing) + (None,)
+        grid = _read_raster(path, spacing, kind) + (None,)
     else:
         return _dicom_loaders(path)  # DICOM often has no extension
     return [lambda: grid]
@@ -335,7 +336,7 @@ def read_image(path: str | Path, spacing: float | None = None, kind: str = "imag
     ``spacing`` (mm) is required for PNG/TIFF and ignored otherwise.
     """
     path = Path(path)
-    grids = _grid_loaders(path, spacing)
+    grids = _grid_loaders(path, spacing, kind)
     if len(grids) > 1:
         raise SpinesegError(f"holds {len(grids)} image stacks (DICOM slabs or series differing in orientation, "
                             "position, image type or echo); this step reads one stack: spineseg predict, "
