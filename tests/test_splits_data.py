@@ -487,7 +487,8 @@ def test_nnunet_export_refuses_a_split_file_that_puts_one_patient_on_both_sides(
         _nifti(tmp_path / "data" / "masks" / f"{cid}.nii.gz", np.zeros((6, 5, 1), np.uint8))
     (tmp_path / "data" / "cases.csv").write_text("case,patient\nc1,P1\nc2,P1\nc3,P2\n")
     leaky = [{"train": ["c1", "c3"], "val": [], "test": ["c2"]}]
-    with pytest.raises(SpinesegError, match="patient 'P1'.*leakage"):
-        export_nnunet(tmp_path / "data", tmp_path / "raw", leaky)
+    with pytest.raises(SpinesegError, match="patient 'P1'.*leakage") as e:
+        export_nnunet(tmp_path / "data", tmp_path / "raw", leaky, splits_source=tmp_path / "splits.json")
+    assert str(e.value).startswith(str(tmp_path / "splits.json"))  # the error names the file the splits came from
     assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
     export_nnunet(tmp_path / "data", tmp_path / "raw", [{"train": ["c3"], "val": [], "test": ["c1", "c2"]}])

@@ -207,7 +207,8 @@ def cmd_nnunet(a) -> int:
             from .data.splits import load_splits
 
             splits = load_splits(a.split_file)
-        folder = nnunet.export_nnunet(a.data, a.out, splits, a.id, a.name, overwrite=a.overwrite)
+        folder = nnunet.export_nnunet(a.data, a.out, splits, a.id, a.name, overwrite=a.overwrite,
+                                      splits_source=a.split_file)
         print(f"wrote {folder}")
         print(f"next: export nnUNet_raw={Path(a.out).resolve()} nnUNet_preprocessed=... nnUNet_results=...; "
               f"nnUNetv2_plan_and_preprocess -d {a.id} -c 2d --verify_dataset_integrity; copy "

@@ -28,7 +28,8 @@ SLICE_SUFFIX = re.compile(r"^(?P<case>.+)_s(?P<idx>\d{3})$")
 
 
 def export_nnunet(data: str | Path, raw: str | Path, splits: list[dict] | None = None, dataset_id: int = 501,
-                  name: str = "LumbarAxial", overwrite: bool = False) -> Path:
+                  name: str = "LumbarAxial", overwrite: bool = False, splits_source: str | Path | None = None) -> Path:
+    """``splits_source``: the file ``splits`` came from, named in errors about them."""
     if not 1 <= dataset_id <= 999:
         raise SpinesegError(f"nnU-Net dataset ids run from 1 to 999 (got {dataset_id})")
     cases = [c for c in load_dataset(data) if c.subset == "train"]
@@ -64,13 +65,13 @@ def export_nnunet(data: str | Path, raw: str | Path, splits: list[dict] | None =
             for s in splits:
                 unknown = [c for k in ("train", "val", "test") for c in s.get(k, []) if c not in mapping]
                 if unknown:
-                    raise SpinesegError(f"splits name cases not in the data set: {unknown[:3]}")
+                    raise SpinesegError(f"splits name cases not in the data set: {unknown[:3]}", splits_source)
                 held_out = s.get("test") or s["val"]
                 train = [c for k in ("train", "val") for c in s[k] if c not in held_out]
                 leaked = sorted({patient_of[c] for c in train} & {patient_of[c] for c in held_out})
                 if leaked:
                     raise SpinesegError(f"split {len(nn_splits)}: patient {leaked[0]!r} is in both nnU-Net's train "
-                                        "and its held-out cases: patient leakage")
+                                        "and its held-out cases: patient leakage", splits_source)
                 nn_splits.append({"train": sorted(i for c in train for i in mapping[c]),
                                   "val": sorted(i for c in held_out for i in mapping[c])})
             atomic_write_text(tmp / "splits_final.json", json.dumps(nn_splits, indent=1) + "\n")
