@@ -132,13 +132,42 @@ def test_measurements_csv_and_narrowest_slice_summary(tmp_path):
         table = list(csv.reader(fh))
     assert tuple(table[0]) == MEASUREMENT_COLUMNS == ("case", "stack", "slice", "position_mm", "canal_area_mm2",
                                                       "canal_ap_mm", "canal_transverse_mm", "body_area_mm2",
-                                                      "lamina_area_mm2", "lamina_thickness_mm", "stenosis")
+                                                      "lamina_area_mm2", "lamina_thickness_mm", "stenosis",
+                                                      "canal_note")
     assert len(table) == 5 and table[4][4] == "" and table[4][-1] == ""
     with open(tmp_path / "measurements_summary.csv", newline="") as fh:
         summary = list(csv.DictReader(fh))
     assert len(summary) == 1  # only the volume gets a summary
     assert summary[0]["narrowest_slice"] == "1" and summary[0]["stenosis"] == "absolute"
     assert summary[0]["slices_relative"] == "1" and summary[0]["slices_absolute"] == "1"
+
+
+def test_a_canal_fragment_or_a_canal_in_pieces_is_measured_but_not_graded_nor_the_narrowest():
+    from spineseg.data.phantom import phantom_slice
+    from spineseg.infer.measure import CANAL, MIN_CANAL_MM2, narrowest
+
+    s = phantom_slice(0, 0, 0, size=160, spacing=1.2)
+    whole = measure_slice(s.label, s.spacing)
+    assert whole["stenosis"] is not None and whole["canal_note"] is None
+    fragment = np.where(s.label == CANAL, 0, s.label)
+    r, c = np.argwhere(s.label == CANAL)[0]
+    fragment[r:r + 3, c:c + 3] = CANAL  # 9 pixels, 13 mm2: what an oblique end slice may keep
+    small = measure_slice(fragment, s.spacing)
+    assert small["canal_area_mm2"] < MIN_CANAL_MM2 and small["stenosis"] is None and "fragment" in small["canal_note"]
+    split = s.label.copy()
+    cols = np.argwhere(s.label == CANAL)[:, 1]
+    split[:, (cols.min() + cols.max()) // 2] = np.where(split[:, (cols.min() + cols.max()) // 2] == CANAL, 0,
+                                                        split[:, (cols.min() + cols.max()) // 2])
+    pieces = measure_slice(split, s.spacing)
+    assert pieces["stenosis"] is None and "2 pieces" in pieces["canal_note"]
+    stray = s.label.copy()
+    stray[r - 30:r - 28, c:c + 2] = CANAL  # 4 stray pixels far from the canal: left out, the canal still graded
+    kept = measure_slice(stray, s.spacing)
+    assert kept["stenosis"] == whole["stenosis"] and kept["canal_area_mm2"] == whole["canal_area_mm2"]
+    assert kept["canal_transverse_mm"] == whole["canal_transverse_mm"] and "stray" in kept["canal_note"]
+    rows = [{"case": "v", "stack": 0, "slice": i, "position_mm": 4.0 * i, **m} for i, m in enumerate((whole, small, pieces))]
+    summary = narrowest(rows)
+    assert summary["narrowest_slice"] == 0 and summary["measured_slices"] == 1 and summary["ungraded_slices"] == 2
 
 
 def test_a_failed_summary_write_leaves_no_summary_of_an_earlier_run(tmp_path, monkeypatch):

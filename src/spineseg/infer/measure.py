@@ -8,6 +8,14 @@ the length of the canal along the line in that direction through the canal's cen
 midsagittal diameter); its transverse diameter is the canal's width across that axis (the widest
 interpedicular distance).
 
+The canal is its largest 4-connected region; other pieces under ``MIN_CANAL_MM2`` in all are stray pixels, left
+out (``canal_note`` says how much). It is graded only where its measurement can hold: not where the other pieces
+are larger (a canal split in two: one half is not the canal, and a caliper across both measures the gap), nor
+where the canal itself is under ``MIN_CANAL_MM2`` (the smallest canal of the anatomical ranges in
+:data:`spineseg.anatomy.AREA_LIMITS_MM2`; a few pixels, as on an oblique end slice, are not a canal with absolute
+stenosis). There the sizes are still written, with ``stenosis`` empty and ``canal_note`` saying why, and the slice
+is not a case's narrowest.
+
 The stenosis flags are research-only: the area thresholds come from dural-sac studies (Bolender et
 al. 1985, Hamanishi et al. 1994) and the AP thresholds from Verbiest's bony-canal diameters, while the
 canal label here is the whole vertebral foramen.
@@ -25,15 +33,19 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .. import LABELS
+from ..anatomy import AREA_LIMITS_MM2
 from ..errors import SpinesegError
 from ..io.atomic import atomic_write_text
 
 BODY, CANAL, LAMINA = LABELS["vertebral_body"], LABELS["vertebral_foramen"], LABELS["lamina"]
 
 MEASUREMENT_COLUMNS = ("case", "stack", "slice", "position_mm", "canal_area_mm2", "canal_ap_mm", "canal_transverse_mm",
-                       "body_area_mm2", "lamina_area_mm2", "lamina_thickness_mm", "stenosis")
+                       "body_area_mm2", "lamina_area_mm2", "lamina_thickness_mm", "stenosis", "canal_note")
 SUMMARY_COLUMNS = ("case", "stack", "slices", "measured_slices", "narrowest_slice", "position_mm", "canal_area_mm2",
-                   "canal_ap_mm", "canal_transverse_mm", "stenosis", "slices_relative", "slices_absolute")
+                   "canal_ap_mm", "canal_transverse_mm", "stenosis", "slices_relative", "slices_absolute",
+                   "ungraded_slices")
+MIN_CANAL_MM2 = AREA_LIMITS_MM2["vertebral_foramen"][0]  # a smaller canal is a fragment, not graded
+FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
 STENOSIS_GRADES = ("none", "relative", "absolute")
 
 
@@ -150,21 +162,36 @@ def mean_thickness_mm(mask: np.ndarray, spacing) -> float:
 # ----------------------------------------------------------------------------------------------- per slice
 
 def measure_slice(labels: np.ndarray, spacing, thresholds: StenosisThresholds = StenosisThresholds()) -> dict:
-    """Measurements of one ``(H, W)`` label map; canal values (and the flag) are None without a canal."""
+    """Measurements of one ``(H, W)`` label map; canal values (and the flag) are None without a canal, and the
+    flag is None (``canal_note`` says why) where the canal is split or smaller than ``MIN_CANAL_MM2``."""
     labels = np.asarray(labels)
     spacing = (float(spacing[0]), float(spacing[1]))
     pixel_mm2 = spacing[0] * spacing[1]
     canal, lamina = labels == CANAL, labels == LAMINA
     row = {"canal_area_mm2": None, "canal_ap_mm": None, "canal_transverse_mm": None,
            "body_area_mm2": float((labels == BODY).sum() * pixel_mm2), "lamina_area_mm2": float(lamina.sum() * pixel_mm2),
-           "lamina_thickness_mm": mean_thickness_mm(lamina, spacing) if lamina.any() else None, "stenosis": None}
+           "lamina_thickness_mm": mean_thickness_mm(lamina, spacing) if lamina.any() else None, "stenosis": None,
+           "canal_note": None}
     if canal.any():
+        pieces, sizes = ndi.label(canal, structure=FOUR_CONNECTED)
+        stray = 0.0
+        if sizes > 1:  # the largest piece is the canal; the rest are strays, or a canal split in two
+            counts = np.bincount(pieces.ravel())[1:]
+            canal = pieces == int(np.argmax(counts)) + 1
+            stray = float((counts.sum() - counts.max()) * pixel_mm2)
         ap = anatomical_ap_axis(labels, spacing)
         across = np.array([-ap[1], ap[0]])
         row["canal_area_mm2"] = float(canal.sum() * pixel_mm2)
         row["canal_ap_mm"] = chord_length_mm(canal, spacing, _points_mm(canal, spacing).mean(0), ap)
         row["canal_transverse_mm"] = width_across_mm(canal, spacing, across)
-        row["stenosis"] = thresholds.grade(row["canal_area_mm2"], row["canal_ap_mm"])
+        if stray >= MIN_CANAL_MM2:
+            row["canal_note"] = f"canal in {sizes} pieces: not graded"
+        elif row["canal_area_mm2"] < MIN_CANAL_MM2:
+            row["canal_note"] = f"canal under {MIN_CANAL_MM2:.0f} mm2 (a fragment): not graded"
+        else:
+            row["stenosis"] = thresholds.grade(row["canal_area_mm2"], row["canal_ap_mm"])
+            if stray:
+                row["canal_note"] = f"{stray:.0f} mm2 of stray canal pixels left out"
     return row
 
 
@@ -204,14 +231,16 @@ def file_slice_index(image) -> np.ndarray:
 
 
 def narrowest(rows: list[dict]) -> dict | None:
-    """Summary of one case (one stack): its narrowest measured slice and how many slices are flagged."""
-    measured = [r for r in rows if r["canal_area_mm2"] is not None]
+    """Summary of one case (one stack): its narrowest graded slice, how many slices are flagged, and how many
+    have a canal that was not graded (in pieces, or a fragment)."""
+    measured = [r for r in rows if r["stenosis"] is not None]
     if not rows:
         return None
     first = rows[0]
     out = {"case": first["case"], "stack": first["stack"], "slices": len(rows), "measured_slices": len(measured),
            "slices_relative": sum(r["stenosis"] == "relative" for r in measured),
-           "slices_absolute": sum(r["stenosis"] == "absolute" for r in measured)}
+           "slices_absolute": sum(r["stenosis"] == "absolute" for r in measured),
+           "ungraded_slices": sum(r["canal_area_mm2"] is not None and r["stenosis"] is None for r in rows)}
     if measured:
         low = min(measured, key=lambda r: r["canal_area_mm2"])
         out.update(narrowest_slice=low["slice"], **{k: low[k] for k in ("position_mm", "canal_area_mm2", "canal_ap_mm",
