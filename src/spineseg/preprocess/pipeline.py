@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,7 +91,8 @@ class Geometry:
 def denoise(img01: np.ndarray) -> np.ndarray:
     from skimage.restoration import denoise_wavelet
 
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # its noise estimate on a flat image: "mean of empty slice"
         out = denoise_wavelet(img01, method="BayesShrink", mode="soft", rescale_sigma=True)
     # a noise-free image (estimated sigma 0) makes BayesShrink divide 0 by 0: there is nothing to denoise
     return out if np.all(np.isfinite(out)) else img01
