@@ -286,3 +286,19 @@ def test_degenerate_sform_is_refused_in_one_error(tmp_path, affine, problem):
     nib.save(img, str(tmp_path / "d.nii"))
     with pytest.raises(SpinesegError, match=problem):
         read_image(tmp_path / "d.nii")
+
+
+def test_a_write_that_fails_leaves_the_earlier_file_whole_and_nothing_beside_it(tmp_path):
+    from pathlib import Path
+
+    from spineseg.io.atomic import atomic_path
+
+    target = tmp_path / "out.json"
+    target.write_text("finished earlier")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            Path(tmp).write_text("half")
+            assert target.read_text() == "finished earlier"  # the writer never touches the target itself
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "finished earlier"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]

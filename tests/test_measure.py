@@ -197,3 +197,9 @@ def test_a_failed_summary_write_leaves_no_summary_of_an_earlier_run(tmp_path, mo
     summary_cases = {r["case"] for r in csv.DictReader(summary.open())} if summary.exists() else set()
     measured_cases = {r["case"] for r in csv.DictReader(measurements.splitlines())}
     assert summary_cases <= measured_cases, (summary_cases, measured_cases)
+
+
+def test_the_absolute_stenosis_thresholds_are_strict_too():
+    t = StenosisThresholds()
+    assert t.grade(75, 15) == "relative" and t.grade(74.9, 15) == "absolute"
+    assert t.grade(150, 10) == "relative" and t.grade(150, 9.99) == "absolute"

@@ -215,3 +215,14 @@ def test_critic_refuses_batch_norm():
 
     with pytest.raises(ValueError):
         Critic(5, norm="batch")
+
+
+def test_the_full_model_trains_its_critic_with_a_gradient_penalty_of_weight_10():
+    """Gulrajani et al.'s lambda = 10, from the spineseg row's config all the way into the critic's update."""
+    from spineseg.train.config import resolve_config
+    from spineseg.train.steps import adversary_from_config
+
+    tc = resolve_config("spineseg")["train"]
+    critic = Critic(5, base=8)
+    adversary = adversary_from_config(critic, torch.optim.Adam(critic.parameters()), tc)
+    assert adversary.objective == "wgan-gp" and adversary.gp_lambda == 10.0

@@ -131,3 +131,18 @@ def test_working_on_the_labels_bounding_box_changes_nothing(truth):
         lab[r - 2:r + 2, c - 2:c + 2] = 0  # a hole
         lab[0, 5:9] = 1  # a body speck on the image border
         assert np.array_equal(anatomical_postprocess(lab, s.spacing), _postprocess(lab, s.spacing)), s.meta
+
+
+def test_of_several_body_candidates_within_reach_the_one_in_front_of_and_nearest_the_canal_wins():
+    """Two larger false bodies within BODY_REACH_MM of the canal: one in front of it but further away, one
+    behind it and closer. The true body (in front, nearest) is kept; both decoys go."""
+    rows, cols = np.mgrid[:200, :200]
+    spacing = (1.0, 1.0)
+    lab = np.zeros((200, 200), np.uint8)
+    lab[(rows - 100) ** 2 + (cols - 100) ** 2 <= 36] = 2  # canal, centre (100, 100)
+    body = ((rows - 76) / 15.0) ** 2 + ((cols - 100) / 20.0) ** 2 <= 1  # in front, edge 9 mm from the centre
+    lab[body] = 1
+    lab[60:105, 123:163] = 1  # larger, in front, edge 23 mm from the centre
+    lab[110:150, 70:130] = 1  # larger still, behind the canal, edge 10 mm from the centre
+    out = anatomical_postprocess(lab, spacing)
+    assert np.array_equal(out == 1, body) and np.array_equal(out == 2, lab == 2)

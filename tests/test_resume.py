@@ -631,3 +631,26 @@ def test_the_run_section_is_set_on_the_command_line_and_a_runs_config_json_is_a_
     a, b = (json.loads((r / "config.json").read_text()) for r in (first, second))
     assert {k: v for k, v in a.items() if k != "run"} == {k: v for k, v in b.items() if k != "run"}
     assert b["run"]["seed"] == 3 and t.cfg["run"]["seed"] == 3
+
+
+def test_restoring_captured_random_states_repeats_every_stream():
+    """A resume continues Python's, NumPy's (with its cached Gaussian) and torch's streams where the run left them."""
+    import random
+
+    import numpy as np
+
+    from spineseg.train.state import capture_rng, restore_rng, seed_everything
+
+    def draws():
+        return (random.random(), np.random.standard_normal(3).tolist(), np.random.randint(0, 10 ** 9),
+                torch.rand(3).tolist())
+
+    seed_everything(3)
+    draws()
+    np.random.standard_normal()  # an odd number of normals leaves NumPy's second Gaussian cached
+    state = capture_rng()
+    expected = draws()
+    seed_everything(4)
+    draws()
+    restore_rng(state)
+    assert draws() == expected

@@ -133,7 +133,8 @@ def test_a_splits_file_that_leaks_a_patient_is_refused_naming_it(small_phantom, 
     patient = moved.split("_")[0]
     (tmp_path / "leaky.json").write_text(json.dumps(leaky))
     rc = main(["train", "--data", str(small_phantom), "--model", "unet", "--splits", str(tmp_path / "leaky.json"),
-               "--out", str(tmp_path / "r"), "--quiet"])
+               "--out", str(tmp_path / "r"), "--quiet",
+               "--set", "train.epochs=1", "--set", "train.max_minutes=0.05"])  # a missed refusal fails fast
     err = capsys.readouterr().err
     assert rc == 2 and f"patient '{patient}'" in err and "leakage" in err and "leaky.json" in err
     assert not (tmp_path / "r").exists()
@@ -493,3 +494,35 @@ def test_nnunet_export_refuses_a_split_file_that_puts_one_patient_on_both_sides(
     assert str(e.value).startswith(str(tmp_path / "splits.json"))  # the error names the file the splits came from
     assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
     export_nnunet(tmp_path / "data", tmp_path / "raw", [{"train": ["c3"], "val": [], "test": ["c1", "c2"]}])
+
+
+def test_the_random_flip_mirrors_left_and_right_never_front_and_back():
+    """flip_lr mirrors the columns (patient right <-> left) of image and mask together; the rows (anterior ->
+    posterior: body in front of the canal) are never turned upside down."""
+    img = torch.arange(64 * 48, dtype=torch.float32).reshape(1, 64, 48) / (64 * 48)
+    mask = torch.zeros(64, 48, dtype=torch.long)
+    mask[5:20, 3:15] = 1  # top left: an asymmetric mask
+    flip = AugmentConfig(rotate_deg=0, scale=(1, 1), shift=0, intensity=0, flip_lr=True)
+    g = torch.Generator().manual_seed(0)
+    flipped = kept = 0
+    for _ in range(16):
+        a, m = augment(img, mask, flip, g)
+        if torch.equal(m, mask):
+            assert torch.allclose(a, img, atol=1e-5)
+            kept += 1
+        else:
+            assert torch.equal(m, mask.flip(-1)) and torch.allclose(a, img.flip(-1), atol=1e-5)
+            flipped += 1
+    assert flipped and kept  # a coin toss per sample
+
+
+def test_check_splits_refuses_a_patient_in_two_subsets_and_names_it():
+    from spineseg.data.splits import check_splits
+
+    cases = _cases(n_pat=6, per=2)
+    good = kfold_splits(cases, folds=3)
+    check_splits(good, cases)  # patient-level splits pass
+    leaky = [dict(good[0], train=good[0]["train"] + good[0]["test"][:1], test=good[0]["test"][1:])]
+    patient = good[0]["test"][0].split("_")[0]
+    with pytest.raises(SpinesegError, match=f"patient '{patient}'.*leakage"):
+        check_splits(leaky, cases)
