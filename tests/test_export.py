@@ -188,3 +188,35 @@ def test_a_network_the_tracer_cannot_follow_is_one_line_and_writes_nothing(tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot be exported to ONNX (TypeError" in err and "--engine torch" in err
     assert (tmp_path / "m.onnx").read_bytes() == b"an earlier export"
+
+
+@pytest.mark.parametrize("damage", ["missing weight", "extra weight", "wrong shape", "other model name",
+                                    "no model section", "unknown model"])
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_line_naming_the_file(tmp_path, capsys, damage):
+    # weights that do not fit the network the config describes, or a config that names no buildable network, are
+    # refused when the file is read (predict, export, pack, --init, --resume), as one line naming the file
+    ck = load_checkpoint(resolve_checkpoint("pretrained"))
+    first = next(iter(ck["model"]))
+    if damage == "missing weight":
+        del ck["model"][first]
+    elif damage == "extra weight":
+        ck["model"]["head.extra.weight"] = torch.zeros(3)
+    elif damage == "wrong shape":
+        ck["model"][first] = torch.zeros(1, *ck["model"][first].shape)
+    elif damage == "other model name":  # same network, but the file names another row than its config
+        ck["model_name"] = "resunet_ctm_dconv"
+    elif damage == "no model section":
+        del ck["config"]["model"]
+    else:
+        ck["config"]["model"]["name"] = ck["model_name"] = "no_such_model"
+    bad = tmp_path / "bad.pt"
+    torch.save(ck, bad)
+    for args in (["export", "--model", str(bad), "--onnx", str(tmp_path / "m.onnx")],
+                 ["pack", "--model", str(bad), "--out", str(tmp_path / "p.pt")],
+                 ["predict", "--model", str(bad), "--engine", "torch", "--input", str(tmp_path),
+                  "--out", str(tmp_path / "out")]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"spineseg: error: {bad}: "), err
+        assert "cannot be exported" not in err[0]
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "p.pt").exists()

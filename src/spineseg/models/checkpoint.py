@@ -73,7 +73,38 @@ def load_checkpoint(path: str | Path, map_location="cpu", data: bytes | None = N
         raise SpinesegError(f"not a readable spineseg checkpoint ({type(exc).__name__})", path) from None
     if not isinstance(ck, dict) or not {"model", "config", "preprocess"} <= set(ck):
         raise SpinesegError("not a spineseg checkpoint (no model / config / preprocess entries)", path)
+    _check_network(ck, path)
     return ck
+
+
+def _check_network(ck: dict, path: Path) -> None:
+    """The weights must be exactly those of the network the config describes (built on the meta device: no
+    memory, no time), and the file's model name its config's, so that a mismatched file fails here, naming it,
+    rather than as a traceback in predict or a misleading 'cannot be exported' in export, or packed as it is."""
+    cfg, weights = ck["config"], ck["model"]
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    if not isinstance(model, dict) or not model.get("name"):
+        raise SpinesegError("not a spineseg checkpoint (its config has no model section naming the network)", path)
+    name = model["name"]
+    if ck.get("model_name") is not None and ck["model_name"] != name:
+        raise SpinesegError(f"damaged checkpoint: it names model {ck['model_name']!r} but its config describes "
+                            f"{name!r}", path)
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise SpinesegError("not a spineseg checkpoint (its model entry is not a set of weights)", path)
+    try:
+        with torch.device("meta"):
+            expected = {k: v.shape for k, v in model_from_config(cfg).state_dict().items()}
+    except SpinesegError as exc:
+        raise SpinesegError(f"the checkpoint's network cannot be built here: {exc.problem}", path) from None
+    missing = [k for k in expected if k not in weights]
+    extra = [k for k in weights if k not in expected]
+    wrong = [k for k in expected if k in weights and weights[k].shape != expected[k]]
+    if missing or extra or wrong:
+        what = (f"{len(missing)} missing (e.g. {missing[0]})" if missing else
+                f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else
+                f"{len(wrong)} of the wrong shape (e.g. {wrong[0]}: {tuple(weights[wrong[0]].shape)}, "
+                f"expected {tuple(expected[wrong[0]])})")
+        raise SpinesegError(f"the weights do not fit the {name} network its config describes: {what}", path)
 
 
 def float32_weights(state: dict) -> dict:
