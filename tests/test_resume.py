@@ -654,3 +654,33 @@ def test_restoring_captured_random_states_repeats_every_stream():
     draws()
     restore_rng(state)
     assert draws() == expected
+
+
+def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_last_one(tmp_path, monkeypatch):
+    # the rename is what makes last.pt the new one; were the data not flushed first, a power loss soon after could
+    # leave an empty or partial last.pt in place of the good one it replaced (the rename reaches the disk first)
+    import os
+
+    from spineseg.models.checkpoint import save_checkpoint
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "last.pt"
+    save_checkpoint(target, {"epoch": 3})
+    replaced = [e for e in events if e[0] == "replace"]
+    assert len(replaced) == 1 and replaced[0][2] == str(target)
+    tmp = replaced[0][1]
+    assert ("fsync", tmp) in events[:events.index(replaced[0])]  # the data, before the rename
+    assert ("fsync", str(tmp_path)) in events[events.index(replaced[0]):]  # and the rename itself, after it
+    assert torch.load(target)["epoch"] == 3 and os.listdir(tmp_path) == ["last.pt"]

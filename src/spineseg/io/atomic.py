@@ -9,6 +9,7 @@ writes there removes the temporaries of writers that are no longer alive
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -86,11 +87,25 @@ def atomic_path(path: str | Path):
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file ordinary permissions
+        _fsync(tmp)  # the data on disk before the rename, else a crash could leave the new name on an empty file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    with contextlib.suppress(OSError):  # the rename itself; some file systems cannot sync a folder
+        _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # a file system without fsync is no error; a failed flush (EIO, ENOSPC) is
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
