@@ -684,3 +684,27 @@ def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_last_one(tmp_path,
     assert ("fsync", tmp) in events[:events.index(replaced[0])]  # the data, before the rename
     assert ("fsync", str(tmp_path)) in events[events.index(replaced[0]):]  # and the rename itself, after it
     assert torch.load(target)["epoch"] == 3 and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_a_run_saved_on_a_machine_with_more_gpus_resumes_on_one_with_fewer(monkeypatch):
+    # capture_rng keeps every visible GPU's stream; a run moved to a node with fewer GPUs restores the streams of the
+    # GPUs it has, instead of failing on a device that is not there (torch indexes its generators by device)
+    import torch.cuda.random as cuda_random
+
+    from spineseg.train.state import capture_rng, restore_rng
+
+    restored = {}
+
+    def set_rng_state(new_state, device="cuda"):
+        index = torch.device("cuda", device).index if isinstance(device, int) else torch.device(device).index
+        if index >= 1:  # what torch.cuda.default_generators[index] does on a one-GPU machine
+            raise IndexError("tuple index out of range")
+        restored[index] = new_state
+
+    state = capture_rng()
+    state["cuda"] = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(cuda_random, "set_rng_state", set_rng_state)
+    restore_rng(state)
+    assert list(restored) == [0] and torch.equal(restored[0], state["cuda"][0])

@@ -31,7 +31,8 @@ def restore_rng(state: dict) -> None:
                          "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one stream per GPU of the machine that saved it; a run moved to one with fewer GPUs restores those it has
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 def seed_everything(seed: int) -> None:
