@@ -220,3 +220,22 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_line_naming_the
         assert len(err) == 1 and err[0].startswith(f"spineseg: error: {bad}: "), err
         assert "cannot be exported" not in err[0]
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "p.pt").exists()
+
+
+def test_pack_refuses_weights_that_float16_cannot_hold_rather_than_write_a_model_of_nan(tmp_path, capsys):
+    # float16 tops out at 65504: a larger weight (a batch-norm running variance, say) would become inf and every
+    # prediction of the packed model NaN; pack says so, naming the tensor, and --float32 still packs it
+    from spineseg.models.checkpoint import float32_weights
+
+    ck = load_checkpoint(resolve_checkpoint("pretrained"))
+    ck["model"] = float32_weights(ck["model"])
+    name = next(k for k, v in ck["model"].items() if v.is_floating_point())
+    ck["model"][name] = ck["model"][name].clone()
+    ck["model"][name].view(-1)[0] = 1e5
+    torch.save(ck, tmp_path / "big.pt")
+    assert main(["pack", "--model", str(tmp_path / "big.pt"), "--out", str(tmp_path / "p.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "big.pt") in err[0] and name in err[0] and "--float32" in err[0], err
+    assert not (tmp_path / "p.pt").exists()
+    assert main(["pack", "--model", str(tmp_path / "big.pt"), "--out", str(tmp_path / "p.pt"), "--float32"]) == 0
+    assert torch.equal(load_checkpoint(tmp_path / "p.pt")["model"][name], ck["model"][name])

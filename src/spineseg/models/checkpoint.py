@@ -148,7 +148,12 @@ def pack_checkpoint(src: str | Path, dst: str | Path, half: bool = True, critics
     ck = load_checkpoint(src)
 
     def cast(state: dict) -> dict:
-        return {k: (v.half() if half and v.is_floating_point() else v) for k, v in state.items()}
+        out = {k: (v.half() if half and v.is_floating_point() else v) for k, v in state.items()}
+        for k, v in out.items():  # beyond float16's range (65504) a weight becomes inf, and every prediction NaN
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()) and bool(torch.isfinite(state[k]).all()):
+                raise SpinesegError(f"weight {k} exceeds float16's range (largest {state[k].abs().max().item():.4g}); "
+                                    "pack it with --float32", src)
+        return out
 
     packed = inference_checkpoint(ck, cast(ck["model"]))
     if critics:
