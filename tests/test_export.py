@@ -239,3 +239,17 @@ def test_pack_refuses_weights_that_float16_cannot_hold_rather_than_write_a_model
     assert not (tmp_path / "p.pt").exists()
     assert main(["pack", "--model", str(tmp_path / "big.pt"), "--out", str(tmp_path / "p.pt"), "--float32"]) == 0
     assert torch.equal(load_checkpoint(tmp_path / "p.pt")["model"][name], ck["model"][name])
+
+
+def test_an_onnx_file_with_damaged_spineseg_metadata_is_one_line_naming_it(exported, tmp_path, capsys):
+    import onnx
+
+    graph = onnx.load(str(exported))
+    for entry in graph.metadata_props:
+        if entry.key == "spineseg.preprocess":
+            entry.value = entry.value[:-5]  # cut short: no longer JSON
+    onnx.save(graph, str(tmp_path / "bad.onnx"))
+    assert main(["predict", "--model", str(tmp_path / "bad.onnx"), "--input", str(tmp_path), "--out",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"spineseg: error: {tmp_path / 'bad.onnx'}: ") and "metadata" in err[0]

@@ -82,8 +82,14 @@ def onnx_metadata(model_bytes: bytes, source: str | Path = "") -> dict:
         graph = onnx.load_from_string(model_bytes)
     except Exception as exc:  # protobuf raises its own decode errors
         raise SpinesegError(f"not a readable ONNX model ({type(exc).__name__})", source) from None
-    meta = {p.key[len(METADATA_PREFIX):]: json.loads(p.value) for p in graph.metadata_props
-            if p.key.startswith(METADATA_PREFIX)}
+    try:
+        meta = {p.key[len(METADATA_PREFIX):]: json.loads(p.value) for p in graph.metadata_props
+                if p.key.startswith(METADATA_PREFIX)}
+    except ValueError:
+        raise SpinesegError("ONNX model's spineseg metadata is damaged (not JSON); export it again", source) from None
     if not {"config", "preprocess"} <= set(meta):
         raise SpinesegError("ONNX model was not exported by spineseg (no config / preprocess metadata)", source)
+    if not (isinstance(meta["config"], dict) and isinstance(meta["preprocess"], dict)):
+        raise SpinesegError("ONNX model's spineseg metadata is damaged (config / preprocess are not mappings); "
+                            "export it again", source)
     return meta
