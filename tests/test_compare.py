@@ -218,3 +218,22 @@ def test_a_wilcoxon_table_that_cannot_mark_any_cell_says_so():
     assert all(c["p_wilcoxon"] >= 0.125 for (n, *_), c in res["cells"].items() if n == "A" and c["p_wilcoxon"])
     assert "smallest possible two-sided Wilcoxon p is 0.12" in render_tables(res)["md"]
     assert "smallest possible" not in render_tables(compare_runs(runs, reference="B"))["md"]  # the t-test can
+
+
+def test_bar_charts_say_what_their_bars_average_as_the_tables_do(tmp_path, monkeypatch):
+    # the default pairing averages per-patient means: the chart must not call its bars means over test slices
+    import matplotlib.pyplot as plt
+
+    from spineseg.eval.figures import bar_charts
+
+    figs = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figs.append(fig), close(fig)))
+    _, _, _, runs = _patient_runs()
+    bar_charts(compare_runs(runs, reference="B"), tmp_path)
+    bar_charts(compare_runs(runs, reference="B", pairing="slice"), tmp_path)
+    labels = [f.axes[0].get_xlabel() for f in figs]
+    assert len(labels) == 4
+    assert all("per-patient means" in x and "over test slices" not in x for x in labels[:2]), labels
+    assert all("over test slices" in x for x in labels[2:]), labels
+    assert all("n = 4 patients, 40 slices" in x for x in labels)

@@ -81,7 +81,7 @@ def bar_charts(res: dict, out: str | Path) -> list[Path]:
     """Dice and HD95 per structure across models: the comparison's means with std error bars.
 
     ``res`` is :func:`spineseg.eval.compare.compare_runs` output, so the bars show exactly the table's
-    numbers (same slices per column).
+    numbers (same slices per column, and the same units: per-patient means unless paired per slice).
     """
     plt = _plt()
     out = Path(out)
@@ -102,7 +102,9 @@ def bar_charts(res: dict, out: str | Path) -> list[Path]:
         if metric == "dice":
             ax.set_ylim(0, 105)
         folds = f", {res['n_folds']} folds" if res["n_folds"] > 1 else ""
-        ax.set_xlabel(f"mean ± std over test slices; n = {res['n_patients']} patients, "
+        # the cells' units are the comparison's: per-patient means under the default pairing, else slices
+        units = "per-patient means" if res.get("pairing", "patient") == "patient" else "test slices"
+        ax.set_xlabel(f"mean ± std over {units}; n = {res['n_patients']} patients, "
                       f"{res['n_slices']} slices{folds}", fontsize=8)
         ax.legend(fontsize=7, ncol=min(len(names), 5), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
         fig.tight_layout()
