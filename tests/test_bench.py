@@ -4,8 +4,6 @@ import subprocess
 import sys
 import textwrap
 
-
-
 # in a fresh process (max RSS is a process-wide high-water mark): the method under test touches ~100 MB, the
 # accuracy reference touches ~300 MB; the method's peak must not hide under the reference's
 PEAK = textwrap.dedent("""
@@ -37,3 +35,14 @@ def test_peak_memory_is_the_methods_own_not_the_accuracy_references():
     r = subprocess.run([sys.executable, "-c", PEAK], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-1000:]
     assert float(r.stdout.split()[-1]) > 80  # 0 when the reference's 300 MB counted as the baseline
+
+
+def test_a_measurement_process_that_dies_is_an_error_not_a_hang():
+    # e.g. killed for memory at a large N: the parent used to wait on its queue forever
+    code = ("from spineseg import bench\nfrom spineseg.errors import SpinesegError\n"
+            "try:\n    bench.run_one('no-such-method', 16, 1)\nexcept SpinesegError as e:\n    print('error:', e)\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("run_one waited forever on a process that had died") from None
+    assert "error:" in r.stdout and "no-such-method" in r.stdout and "N=16" in r.stdout, r.stdout + r.stderr[-500:]

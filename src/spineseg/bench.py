@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import queue
 import statistics
 import time
 from pathlib import Path
+
+from .errors import SpinesegError
 
 HEADS, DIM, CLUSTERS = 4, 32, 100
 NAIVE_LIMIT_BYTES = 8 * 1024 ** 3
@@ -73,7 +76,19 @@ def run_one(method: str, n: int, repeats: int) -> dict:
     q = ctx.Queue()
     p = ctx.Process(target=_measure, args=(method, n, repeats, q))
     p.start()
-    row = q.get()
+    while True:  # a process that dies (killed for memory, an exception) never puts its row: say so, not hang
+        try:
+            row = q.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                try:  # it may have put its row just before exiting
+                    row = q.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    p.join()
+                    raise SpinesegError(f"the {method} measurement at N={n} died without a result (exit code "
+                                        f"{p.exitcode}; out of memory?)") from None
     p.join()
     return row
 
