@@ -45,3 +45,16 @@ def test_an_unknown_set_key_fails_before_the_phantom_is_made(tmp_path, capsys):
     assert main(["--out", str(out), "--patients", "6", "--slices-per-patient", "1", "--set", "train.nope=1"]) == 2
     assert "train.nope: unknown key" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_demo_refuses_a_phantom_left_by_other_settings_rather_than_misreport_it(tmp_path, capsys):
+    # metrics.json says which phantom it tested on (randomized_phantom, the patient count); an --out holding one
+    # generated with other settings would be reused silently and described by this call's flags
+    from spineseg.data.phantom_dataset import write_phantom_dataset
+
+    out = tmp_path / "demo"
+    write_phantom_dataset(out / "phantom", 2, 1, size=64, spacing=3.0, seed=0, progress=False, randomize=False)
+    assert main(["--out", str(out), "--patients", "2", "--slices-per-patient", "1", "--minutes", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "phantom.json" in err and "randomize" in err
+    assert not (out / "run").exists()  # refused before any training

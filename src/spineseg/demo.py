@@ -40,6 +40,23 @@ def evaluate_cases(predictor, cases, overlay_dir: Path | None = None, max_overla
     return rows, per_case
 
 
+def _check_existing_phantom(data: Path, a) -> None:
+    """A phantom already in ``--out`` is reused only if this call's flags describe it (metrics.json reports them)."""
+    meta_file = data / "phantom.json"
+    if not meta_file.exists():
+        return
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise SpinesegError(f"unreadable phantom description ({exc})", meta_file) from None
+    asked = {"patients": a.patients, "slices_per_patient": a.slices_per_patient, "seed": a.seed,
+             "randomize": not a.no_randomize}
+    differ = [f"{k} {meta[k]!r} (asked {v!r})" for k, v in asked.items() if k in meta and meta[k] != v]
+    if differ:
+        raise SpinesegError("this demo folder's phantom was made with other settings: " + ", ".join(differ)
+                            + "; use another --out, or the same flags", meta_file)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="spineseg.demo")
     ap.add_argument("--out", default="runs/demo")
@@ -76,6 +93,7 @@ def _run(a) -> int:
     resolve_config(a.model, "cpu-quick", overrides, sets)  # a malformed or unknown --set fails before any work
     data = out / "phantom"
     t0 = time.perf_counter()
+    _check_existing_phantom(data, a)
     if not (data / "dataset.json").exists():
         kind = "T2, 512 x 512" if a.no_randomize else "domain-randomised"
         print(f"[1/4] generating the phantom: {a.patients} patients x {a.slices_per_patient} slices ({kind})")
