@@ -58,3 +58,13 @@ def test_a_demo_refuses_a_phantom_left_by_other_settings_rather_than_misreport_i
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "phantom.json" in err and "randomize" in err
     assert not (out / "run").exists()  # refused before any training
+
+
+def test_a_rerun_demo_takes_its_new_minutes_as_train_resume_does(tmp_path):
+    # --minutes on a rerun (the run resumes) used to be dropped: the old cap stayed, and metrics.json reported it
+    out = tmp_path / "demo"
+    args = ["--out", str(out), "--patients", "6", "--slices-per-patient", "1"]
+    assert main(args + ["--minutes", "0.01"]) == 0
+    assert main(args + ["--minutes", "0.02"]) == 0
+    assert json.loads((out / "run" / "config.json").read_text())["train"]["max_minutes"] == 0.02
+    assert json.loads((out / "metrics.json").read_text())["config_changes"]["train.max_minutes"] == 0.02

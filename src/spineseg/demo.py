@@ -102,7 +102,8 @@ def _run(a) -> int:
     run = out / "run"
     print(f"[2/4] training {a.model} (cpu-quick) -> {run}")
     if (run / "last.pt").exists():
-        trainer = Trainer(data, a.model, run, resume=True, cache=out / "cache", sets=sets)
+        # a new --minutes extends (or shortens) the cap, as `train --resume --set train.max_minutes=M` does
+        trainer = Trainer(data, a.model, run, resume=True, cache=out / "cache", overrides=overrides, sets=sets)
     else:
         trainer = Trainer(data, a.model, run, config="cpu-quick", fold=0, seed=a.seed, cache=out / "cache",
                           overrides=overrides, sets=sets)
