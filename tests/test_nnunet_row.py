@@ -40,3 +40,40 @@ def test_experiment_with_nnunet_says_how_to_install_it(small_phantom, tmp_path, 
     with pytest.raises(SystemExit):
         main(["experiment", "--data", str(small_phantom), "--models", "unet,nnunet", "--epochs", "1",
               "--nnunet-epochs", "3x", "--out", str(tmp_path / "e")])
+
+
+def _row(tmp_path, monkeypatch):
+    import spineseg.nnunet_row as row
+
+    monkeypatch.setattr(row, "nnunet_installed", lambda: True)
+    return row.NnunetRow(tmp_path / "run")
+
+
+def test_an_interrupted_plan_and_preprocess_is_run_again(small_phantom, tmp_path, monkeypatch):
+    # nnU-Net writes nnUNetPlans.json before it preprocesses: killed there, a rerun must not skip preprocessing
+    from spineseg.errors import SpinesegError
+    from spineseg.io.layouts import load_dataset
+
+    cases = load_dataset(small_phantom)
+    test = [c.case_id for c in cases if c.patient in {cases[0].patient, cases[-1].patient}]
+    splits = [{"train": [c.case_id for c in cases if c.case_id not in test], "val": [], "test": test}]
+    r = _row(tmp_path, monkeypatch)
+    calls = []
+
+    def fake(*args, log):
+        calls.append(args[0])
+        pre = r.run / "nnUNet_preprocessed" / r.folder
+        pre.mkdir(parents=True, exist_ok=True)
+        (pre / "nnUNetPlans.json").write_text("{}")
+        if len(calls) == 1:
+            raise SpinesegError("nnUNetv2_plan_and_preprocess failed (exit -9); see its output", log)
+        return 1.0
+
+    monkeypatch.setattr(r, "_nnunet", fake)
+    with pytest.raises(SpinesegError):
+        r.prepare(small_phantom, splits)
+    r.prepare(small_phantom, splits)
+    assert calls == ["nnUNetv2_plan_and_preprocess"] * 2
+    assert (r.run / "nnUNet_preprocessed" / r.folder / "splits_final.json").exists()
+    r.prepare(small_phantom, splits)  # complete now: not run a third time
+    assert len(calls) == 2

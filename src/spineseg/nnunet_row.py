@@ -86,9 +86,13 @@ class NnunetRow:
         if not (raw / "dataset.json").exists():
             export_nnunet(data, self.run / "nnUNet_raw", splits, self.id, DATASET_NAME, overwrite=True)
         pre = self.run / "nnUNet_preprocessed" / self.folder
-        if not (pre / "nnUNetPlans.json").exists():
+        # nnU-Net writes nnUNetPlans.json before it preprocesses, so that file does not say preprocessing finished
+        done = self.run / "nnunet" / "plan_and_preprocess.done"
+        if not done.exists():
             self._nnunet("nnUNetv2_plan_and_preprocess", "-d", str(self.id), "-c", "2d", "-np", "1",
                          "--verify_dataset_integrity", log=self.run / "nnunet" / "plan_and_preprocess.log")
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text("")
         shutil.copy(raw / "splits_final.json", pre / "splits_final.json")
 
     def _model_folder(self, epochs: int) -> Path:
