@@ -77,3 +77,24 @@ def test_an_interrupted_plan_and_preprocess_is_run_again(small_phantom, tmp_path
     assert (r.run / "nnUNet_preprocessed" / r.folder / "splits_final.json").exists()
     r.prepare(small_phantom, splits)  # complete now: not run a third time
     assert len(calls) == 2
+
+
+def test_a_rerun_reports_the_training_time_nnunet_took_not_zero(tmp_path, monkeypatch):
+    # a rerun (e.g. after a crash in prediction) finds checkpoint_final.pth and skips training; done.json's
+    # train_seconds must still be the time the training took
+    import spineseg.nnunet_row as row
+
+    def fake(self, *args, log):
+        epochs = int(args[args.index("-tr") + 1].split("_")[1].rstrip("epochs").rstrip("epoch"))
+        final = self._model_folder(epochs) / "fold_0" / "checkpoint_final.pth"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        final.write_text("")
+        return 10.0 * epochs
+
+    monkeypatch.setattr(row.NnunetRow, "_nnunet", fake)
+    assert _row(tmp_path, monkeypatch).train_within(0, None, 5)["train_seconds"] == 50.0
+    assert _row(tmp_path, monkeypatch).train_within(0, None, 5)["train_seconds"] == 50.0
+    first = _row(tmp_path / "b", monkeypatch).train_within(0, 2.0, None)  # 1 epoch: 10 s; 10 epochs fit 120 s
+    assert first["epochs"] == 10 and first["train_seconds"] == 100.0
+    again = _row(tmp_path / "b", monkeypatch).train_within(0, 2.0, None)
+    assert again["epochs"] == 10 and again["one_epoch_seconds"] == 10.0 and again["train_seconds"] == 100.0

@@ -99,11 +99,18 @@ class NnunetRow:
         return self.run / "nnUNet_results" / self.folder / f"{trainer_name(epochs)}__nnUNetPlans__2d"
 
     def train(self, fold: int, epochs: int) -> float:
+        """Seconds the training took; a rerun that finds the trained model returns the recorded time."""
         final = self._model_folder(epochs) / f"fold_{fold}" / "checkpoint_final.pth"
+        times = self.run / "nnunet" / "train_seconds.json"
+        key = f"{trainer_name(epochs)}/fold_{fold}"
+        recorded = json.loads(times.read_text()) if times.exists() else {}
         if final.exists():
-            return 0.0
-        return self._nnunet("nnUNetv2_train", str(self.id), "2d", str(fold), "-tr", trainer_name(epochs),
-                            "-device", self.device, log=self.run / "nnunet" / f"train_{trainer_name(epochs)}.log")
+            return recorded.get(key, 0.0)  # 0.0: trained before this record existed
+        seconds = self._nnunet("nnUNetv2_train", str(self.id), "2d", str(fold), "-tr", trainer_name(epochs),
+                               "-device", self.device, log=self.run / "nnunet" / f"train_{trainer_name(epochs)}.log")
+        times.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(times, json.dumps({**recorded, key: seconds}, indent=1) + "\n")
+        return seconds
 
     def train_within(self, fold: int, budget_minutes: float | None, epochs: int | None) -> dict:
         """Train for ``epochs`` (a variant), or the longest variant fitting ``budget_minutes`` (calibrated)."""
