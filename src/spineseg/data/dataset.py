@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import SpinesegError
 from ..progress import progress as progress_bar
-from ..io.images import RASTER_EXT, file_ext, read_image, read_label
+from ..io.images import read_image, read_label
 from ..io.layouts import Case, check_label_grid
 from ..preprocess.pipeline import NO_CONTENT, Geometry, PreprocessCache, PreprocessConfig, preprocess_slice
 from .augment import AugmentConfig, augment, geometry_only
@@ -41,7 +40,7 @@ def prepare_slices(cases: list[Case], cfg: PreprocessConfig, cache: PreprocessCa
     out: list[SliceRecord] = []
     for case in progress_bar(cases, desc="preprocess", unit="case", disable=not progress):
         if cache is not None and _single_slice(case.image):
-            hit = cache.get(cache.key(case.image, case.label, 0, cfg))
+            hit = cache.get(cache.key(case.image, case.label, 0, cfg, spacing))
             if hit is not None:  # a cached single-slice case needs no read at all
                 out.append(SliceRecord(case.case_id, case.patient, 0, *hit))
                 continue
@@ -51,7 +50,7 @@ def prepare_slices(cases: list[Case], cfg: PreprocessConfig, cache: PreprocessCa
             lab = read_label(case.label, spacing=spacing)
             check_label_grid(img, lab)
         for i in range(img.num_slices):
-            key = _cache_key(cache, case, i, cfg, spacing) if cache is not None else None
+            key = cache.key(case.image, case.label, i, cfg, spacing) if cache is not None else None
             hit = cache.get(key) if key is not None else None
             if hit is None:
                 try:
@@ -68,14 +67,6 @@ def prepare_slices(cases: list[Case], cfg: PreprocessConfig, cache: PreprocessCa
                     cache.put(key, *hit)
             out.append(SliceRecord(case.case_id, case.patient, i, *hit))
     return out
-
-
-def _cache_key(cache: PreprocessCache, case: Case, index: int, cfg: PreprocessConfig, spacing: float | None) -> str:
-    """The cache key of one slice; a raster's pixel spacing is given, not in the file, so it is part of the key."""
-    key = cache.key(case.image, case.label, index, cfg)
-    if spacing is not None and file_ext(case.image) in RASTER_EXT:
-        key = hashlib.sha1(f"{key}\0{float(spacing)!r}".encode()).hexdigest()
-    return key
 
 
 def _single_slice(path) -> bool:

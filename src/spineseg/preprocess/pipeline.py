@@ -17,6 +17,7 @@ from scipy import ndimage as ndi
 
 from .. import __version__
 from ..errors import SpinesegError
+from ..io.images import RASTER_EXT, file_ext
 from ..io.intensity import percentile_window
 from .morphology import largest_component
 
@@ -330,20 +331,24 @@ def default_cache_dir() -> Path:
 
 
 class PreprocessCache:
-    """Preprocessed slices on disk, keyed by source file (path, size, mtime), slice and parameters."""
+    """Preprocessed slices on disk, keyed by source file (path, size, mtime), slice and parameters (and, for a
+    PNG / TIFF, the pixel spacing it was read at: given, not in the file)."""
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else default_cache_dir()
 
-    def key(self, image: Path, label: Path | None, index: int, cfg: PreprocessConfig) -> str:
+    def key(self, image: Path, label: Path | None, index: int, cfg: PreprocessConfig,
+            spacing: float | None = None) -> str:
         def stamp(p):
             if p is None:
                 return None
             st = Path(p).stat()
             return [str(Path(p).resolve()), st.st_size, st.st_mtime_ns]
 
-        payload = json.dumps([stamp(image), stamp(label), index, cfg.to_dict(), __version__, PIPELINE_REVISION],
-                             sort_keys=True)
+        parts = [stamp(image), stamp(label), index, cfg.to_dict(), __version__, PIPELINE_REVISION]
+        if spacing is not None and file_ext(image) in RASTER_EXT:  # other formats carry their spacing
+            parts.append(float(spacing))
+        payload = json.dumps(parts, sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()
 
     def get(self, key: str):
