@@ -16,14 +16,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-from nibabel import orientations as nio
 
 from .. import STRUCTURES
 from ..anatomy.order import DISPLAY_TO_GRID, LOPSIDED_BODY, SHORT, check_slice, midline_distance
 from ..anatomy.postprocess import MIN_BODY_MM2
 from ..errors import SpinesegError
 from ..io.atomic import atomic_path, atomic_write_text
-from ..io.images import case_stem, read_images, slice_affine, stack_output_name
+from ..io.images import case_stem, display_affine, read_images, slice_affine, stack_output_name
 from ..io.layouts import collect_inputs
 from ..io.preview import LABEL_COLORS, to_gray
 from ..progress import progress as progress_bar
@@ -39,9 +38,7 @@ def display_to_world(img) -> np.ndarray:
     if img.ornt is None:  # an in-memory image without a file: the display convention itself (L, P, S)
         m = slice_affine(img.spacing, img.slice_thickness)
     else:
-        shape3 = tuple(img.file_shape) + (1,) * (3 - len(img.file_shape))
-        to_display = nio.ornt_transform(img.ornt, nio.axcodes2ornt(("L", "P", "S")))
-        m = img.affine @ nio.inv_ornt_aff(to_display, shape3)  # (i=col, j=row, k=slice) -> world
+        m = display_affine(img)  # (i=col, j=row, k=slice) -> world
     return m @ DISPLAY_TO_GRID
 
 

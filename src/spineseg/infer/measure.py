@@ -34,6 +34,7 @@ from scipy import ndimage as ndi
 
 from .. import LABELS
 from ..anatomy import AREA_LIMITS_MM2
+from ..anatomy.order import FOUR_CONNECTED
 from ..errors import SpinesegError
 from ..io.atomic import atomic_write_text
 
@@ -45,7 +46,6 @@ SUMMARY_COLUMNS = ("case", "stack", "slices", "measured_slices", "narrowest_slic
                    "canal_ap_mm", "canal_transverse_mm", "stenosis", "slices_relative", "slices_absolute",
                    "ungraded_slices")
 MIN_CANAL_MM2 = AREA_LIMITS_MM2["vertebral_foramen"][0]  # a smaller canal is a fragment, not graded
-FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
 STENOSIS_GRADES = ("none", "relative", "absolute")
 
 
@@ -197,13 +197,9 @@ def measure_slice(labels: np.ndarray, spacing, thresholds: StenosisThresholds = 
 
 def slice_positions_mm(image) -> np.ndarray:
     """Position of every display slice along the slice normal (mm, world coordinates) of an ``Image``."""
-    from nibabel import orientations as nio
+    from ..io.images import display_affine
 
-    file_shape = tuple(image.file_shape) + (1,) * (3 - len(image.file_shape))
-    display = nio.axcodes2ornt(("L", "P", "S"))
-    to_display = nio.ornt_transform(image.ornt, display)
-    # voxel (i=column, j=row, k=slice) of the display array -> world
-    affine = image.affine @ nio.inv_ornt_aff(to_display, file_shape)
+    affine = display_affine(image)  # voxel (i=column, j=row, k=slice) of the display array -> world
     normal = affine[:3, 2] / (np.linalg.norm(affine[:3, 2]) or 1.0)
     centres = affine[:3, 3][None, :] + np.arange(image.num_slices)[:, None] * affine[:3, 2][None, :]
     return centres @ normal

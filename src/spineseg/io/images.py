@@ -381,6 +381,14 @@ def read_label(path: str | Path, spacing: float | None = None) -> Image:
     return read_image(path, spacing=spacing, kind="label")
 
 
+def display_affine(img: Image) -> np.ndarray:
+    """RAS affine (4x4) of the display-convention array's voxels, indexed ``(column, row, slice)`` as in the file
+    grid of :func:`slice_affine`: the file's own affine carried through the reorientation to the display."""
+    shape3 = tuple(img.file_shape) + (1,) * (3 - len(img.file_shape))
+    to_display = nio.ornt_transform(img.ornt, _DISPLAY_ORNT)
+    return np.asarray(img.affine, float) @ nio.inv_ornt_aff(to_display, shape3)
+
+
 def check_pair(image: Image, label: Image) -> None:
     if image.data.shape != label.data.shape:
         raise SpinesegError(f"mask size {label.data.shape[::-1]} does not match image size {image.data.shape[::-1]} "

@@ -12,7 +12,7 @@ import numpy as np
 from nibabel import orientations as nio
 
 from ..errors import SpinesegError
-from .images import IMAGE_EXT, Image, case_stem, check_pair, file_ext
+from .images import IMAGE_EXT, Image, case_stem, check_pair, display_affine, file_ext
 
 
 @dataclass(frozen=True)
@@ -24,13 +24,6 @@ class Case:
     subset: str = "train"  # "train" (imagesTr / images) or "test" (imagesTs)
 
 
-def _display_grid(img: Image) -> np.ndarray:
-    """RAS affine of the display-convention array's voxels, indexed (column, row, slice)."""
-    shape = tuple(img.file_shape) + (1,) * (3 - len(img.file_shape))
-    tr = nio.ornt_transform(img.ornt, nio.axcodes2ornt(("L", "P", "S")))
-    return np.asarray(img.affine, float) @ nio.inv_ornt_aff(tr, shape)
-
-
 def check_label_grid(image: Image, label: Image) -> None:
     """Refuse a label map that is not on its image's voxel grid: another shape, another spacing or axis direction,
     or (where the two files store their voxels in different orders) another position. Each file is turned to the
@@ -38,7 +31,7 @@ def check_label_grid(image: Image, label: Image) -> None:
     identity affine, say) would come out mis-scaled or mirrored against the image. The same grid stored in
     another voxel order is the same grid; files in one voxel order pair voxel by voxel, whatever their origins."""
     check_pair(image, label)
-    img_grid, lab_grid = _display_grid(image), _display_grid(label)
+    img_grid, lab_grid = display_affine(image), display_affine(label)
     axes = 2 if image.num_slices == 1 else 3  # one slice: its thickness and normal play no part
     size = np.linalg.norm(img_grid[:3, :axes], axis=0)
     same_axes = np.all(np.linalg.norm(img_grid[:3, :axes] - lab_grid[:3, :axes], axis=0) <= 0.01 * size)
