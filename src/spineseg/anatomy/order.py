@@ -51,8 +51,7 @@ def display_plane(spacing) -> np.ndarray:
     return np.column_stack([m[:3, 1], m[:3, 2], m[:3, 3]])
 
 
-def world_points(mask: np.ndarray, plane: np.ndarray) -> np.ndarray:
-    """RAS millimetres ``(N, 3)`` of the pixels of ``mask`` on a slice with ``plane``."""
+def _world_points(mask: np.ndarray, plane: np.ndarray) -> np.ndarray:
     rc = np.argwhere(mask)
     return np.c_[rc, np.ones(len(rc))] @ plane.T
 
@@ -70,7 +69,7 @@ def check_slice(labels: np.ndarray, plane: np.ndarray) -> dict:
         row[f"area_{s}_mm2"] = round(float(m.sum()) * px_mm2, 1)
         row[f"regions_{s}"] = int(ndi.label(m, structure=FOUR_CONNECTED)[1])
     found = {s: bool(m.any()) for s, m in masks.items()}
-    centre = {s: world_points(m, plane).mean(0) for s, m in masks.items() if found[s]}
+    centre = {s: _world_points(m, plane).mean(0) for s, m in masks.items() if found[s]}
     body, canal, lamina = STRUCTURES
     reasons = [f"{SHORT[s]} missing" for s in (canal, lamina) if not found[s]]
     reasons += [f"{SHORT[s]} in {row[f'regions_{s}']} regions" for s in (body, canal)
@@ -86,7 +85,7 @@ def check_slice(labels: np.ndarray, plane: np.ndarray) -> dict:
     row["body_found"] = found[body]
     left, right = _lamina_sides(masks[lamina], plane, centre.get(body), centre.get(canal), px_mm2)
     row["lamina_left_mm2"], row["lamina_right_mm2"] = round(left, 1), round(right, 1)
-    row["body_balance"] = body_balance(masks[body], plane, centre.get(canal), centre.get(lamina))
+    row["body_balance"] = _body_balance(masks[body], plane, centre.get(canal), centre.get(lamina))
     total = row[f"area_{lamina}_mm2"]
     row["both_laminae"] = bool(found[lamina] and min(left, right) >= max(LAMINA_SIDE_MM2, LAMINA_SIDE_FRACTION * total))
     row["area_warning"] = "; ".join(
@@ -118,16 +117,16 @@ def _lamina_sides(lamina: np.ndarray, plane: np.ndarray, body, canal, px_mm2: fl
     """Lamina area (mm^2) on the patient's left and right of the midline axis (0, 0 without canal)."""
     if canal is None or not lamina.any():
         return 0.0, 0.0
-    d = (world_points(lamina, plane) - canal) @ _lateral_axis(plane, body, canal)
+    d = (_world_points(lamina, plane) - canal) @ _lateral_axis(plane, body, canal)
     return float((d < -MIDLINE_MM).sum() * px_mm2), float((d > MIDLINE_MM).sum() * px_mm2)
 
 
-def body_balance(body: np.ndarray, plane: np.ndarray, canal, lamina) -> float | None:
+def _body_balance(body: np.ndarray, plane: np.ndarray, canal, lamina) -> float | None:
     """Smaller over larger body area either side of the midline through the canal's centre, drawn from the laminae'
     centre (the world anterior-posterior line without laminae); None without body or canal."""
     if canal is None or not body.any():
         return None
-    points, best = world_points(body, plane) - canal, 0.0
+    points, best = _world_points(body, plane) - canal, 0.0
     for front in (None, None if lamina is None else canal + (canal - lamina)):  # world axis; lamina-canal axis
         d = points @ _lateral_axis(plane, front, canal)
         left, right = int((d < 0).sum()), int((d > 0).sum())
@@ -144,7 +143,7 @@ def midline_distance(labels: np.ndarray, plane: np.ndarray) -> np.ndarray | None
     body, canal = labels == 1, labels == 2  # the first two of STRUCTURES
     if not canal.any():
         return None
-    centre = {name: world_points(m, plane).mean(0) for name, m in (("body", body), ("canal", canal)) if m.any()}
+    centre = {name: _world_points(m, plane).mean(0) for name, m in (("body", body), ("canal", canal)) if m.any()}
     grid = np.ones(labels.shape, bool)
-    d = (world_points(grid, plane) - centre["canal"]) @ _lateral_axis(plane, centre.get("body"), centre["canal"])
+    d = (_world_points(grid, plane) - centre["canal"]) @ _lateral_axis(plane, centre.get("body"), centre["canal"])
     return d.reshape(labels.shape)

@@ -10,12 +10,7 @@ do not touch, and keeps a body blob on the psoas when it happens to be larger. A
   whose nearest edge lies more than ``BODY_REACH_MM`` from the canal's centre (bowel, kidney, psoas: the
   body's back wall borders the canal);
 - the laminae lie behind the canal, one on each side of the midline (or one V-shaped arch across it):
-  on each side the largest region whose centre lies behind the canal's front and within reach of it;
-- a vertebral body straddles the midline through the canal (the line from the laminae's centre through the
-  canal's centre, or the anterior-posterior line): a body lopsided about it (body balance under
-  :data:`spineseg.anatomy.order.LOPSIDED_BODY`, :func:`spineseg.anatomy.order.body_balance`) is no body. A network
-  draws such half bodies on real disc-level slices, where the disc replaces the body; on the phantom's truth no body
-  is below 0.66.
+  on each side the largest region whose centre lies behind the canal's front and within reach of it.
 
 Slices are in the display convention (rows run anterior -> posterior, columns patient right -> left),
 so "in front of" is "above"; distances are in millimetres with the slice's own pixel spacing.
@@ -27,7 +22,6 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from . import AREA_LIMITS_MM2
-from .order import LOPSIDED_BODY, body_balance, display_plane, world_points
 
 # anatomical (default): the rules above; largest: each structure's largest region (nnU-Net's rule); none: raw argmax
 POSTPROCESS = ("anatomical", "largest", "none")
@@ -117,21 +111,8 @@ def _pick_laminae(labels: np.ndarray, canal: np.ndarray, canal_centre, spacing) 
     return keep
 
 
-def _lopsided(body: np.ndarray, canal: np.ndarray, laminae: np.ndarray, spacing) -> bool:
-    """Whether ``body`` is lopsided about the midline through the canal (False without body or canal)."""
-    if not body.any() or not canal.any():
-        return False
-    plane = display_plane(spacing)
-    lamina_centre = world_points(laminae, plane).mean(0) if laminae.any() else None
-    balance = body_balance(body, plane, world_points(canal, plane).mean(0), lamina_centre)
-    return balance is not None and balance < LOPSIDED_BODY
-
-
-def anatomical_postprocess(labels: np.ndarray, spacing, drop_lopsided: bool = True) -> np.ndarray:
+def anatomical_postprocess(labels: np.ndarray, spacing) -> np.ndarray:
     """Clean one slice's label map ``(H, W)`` by the anatomy above; removed pixels become background.
-
-    ``drop_lopsided=False`` keeps a lopsided body (the post-processing before 2026-12-08, which self-training's
-    pseudo-labels still use so that the shipped model's recipe trains as it did).
 
     The rules run on the labels' bounding box plus a background margin, which gives the same result as the
     whole slice (every rule is relative, and outside the box there is only background) several times faster.
@@ -141,11 +122,11 @@ def anatomical_postprocess(labels: np.ndarray, spacing, drop_lopsided: bool = Tr
         return np.zeros_like(labels)
     (r0, c0), (r1, c1) = np.maximum(fg.min(0) - CROP_MARGIN, 0), fg.max(0) + CROP_MARGIN + 1
     out = np.zeros_like(labels)
-    out[r0:r1, c0:c1] = _postprocess(labels[r0:r1, c0:c1], spacing, drop_lopsided)
+    out[r0:r1, c0:c1] = _postprocess(labels[r0:r1, c0:c1], spacing)
     return out
 
 
-def _postprocess(labels: np.ndarray, spacing, drop_lopsided: bool = True) -> np.ndarray:
+def _postprocess(labels: np.ndarray, spacing) -> np.ndarray:
     """The rules on a whole label map (see :func:`anatomical_postprocess`)."""
     spacing = (float(spacing[0]), float(spacing[1]))
     out = np.zeros_like(labels)
@@ -154,8 +135,6 @@ def _postprocess(labels: np.ndarray, spacing, drop_lopsided: bool = True) -> np.
     canal_centre = _centre_mm(canal, spacing) if canal.any() else None
     body = _largest_four_connected(_fill(_pick_body(labels, canal_centre, spacing), spacing))
     laminae = _pick_laminae(labels, canal, canal_centre, spacing)
-    if drop_lopsided and _lopsided(body & ~canal, canal, laminae, spacing):
-        body = np.zeros_like(body)
     out[laminae] = LAMINA
     out[body & ~canal] = BODY
     out[canal] = CANAL

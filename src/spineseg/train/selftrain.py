@@ -75,7 +75,7 @@ def pseudo_labels(probs: torch.Tensor, spacing: torch.Tensor, confidence: float,
     accepted = 0
     for b in range(raw.shape[0]):
         sp = tuple(float(x) for x in spacing[b])
-        post = anatomical_postprocess(raw[b], sp, drop_lopsided=False)  # as the shipped recipes were trained
+        post = anatomical_postprocess(raw[b], sp)
         if post_changed_too_much(post, raw[b], max_change):
             continue
         if flagged[b]:
