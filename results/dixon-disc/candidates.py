@@ -29,6 +29,7 @@ CANDIDATES = {  # run -> what it is (details: README.md, "Runs", and rules/)
     "A10": "average of K and its seed 1",
     "A11": "average of K and its seeds 1 and 2",
     "KF": "K with left-right mirrored training slices",
+    "LB-A11": "A11 with the lopsided-body post-processing step (reverted: it failed LB.rule on E2)",
 }
 COLUMNS = ("run", "what", "raw_of_197", "post_of_197", "both_laminae_post", "never_seen_raw_of_98",
            "heldout_discs_body_water_fat_inphase_of_8", "vertebral_dixon_slices_with_body_of_102",
