@@ -14,7 +14,7 @@ from judge import HELD_OUT, judge
 
 HERE = Path(__file__).parent
 CANDIDATES = {  # run -> what it is (details: README.md, "Runs", and rules/)
-    "E2": "shipped: self-training with the TUM01 disc list (no-body label)",
+    "E2": "shipped before: self-training with the TUM01 disc list (no-body label)",
     "E3": "E2 trained 10 epochs more",
     "S3": "average of E3, E3s1, H",
     "C": "change term on the corrected pixels",
@@ -30,6 +30,8 @@ CANDIDATES = {  # run -> what it is (details: README.md, "Runs", and rules/)
     "A11": "average of K and its seeds 1 and 2",
     "KF": "K with left-right mirrored training slices",
     "LB-A11": "A11 with the lopsided-body post-processing step (reverted: it failed LB.rule on E2)",
+    "KC": "K's recipe again, from A11",
+    "WA": "shipped: average of E2 and A11 (WiSE-FT at 0.5)",
 }
 COLUMNS = ("run", "what", "raw_of_197", "post_of_197", "both_laminae_post", "never_seen_raw_of_98",
            "heldout_discs_body_water_fat_inphase_of_8", "vertebral_dixon_slices_with_body_of_102",
