@@ -139,7 +139,7 @@ def session(device: str = "auto"):
         ranks.barrier()  # leave together: a rank gone early would break a peer's last collective
     finally:
         # DDP wrappers caught in reference cycles would otherwise outlive the group and be torn down with the
-        # interpreter; free them while the group and the interpreter are whole (a rank once aborted at exit,
-        # "terminate called without an active exception", once; not reproduced in 14 reruns, under load or idle)
+        # interpreter; free them while the group and the interpreter are whole (a rank aborted at exit with
+        # "terminate called without an active exception" once; not reproduced in 14 reruns, under load or idle)
         gc.collect()
         dist.destroy_process_group()
