@@ -15,7 +15,7 @@ import numpy as np
 from .. import LABELS, __version__
 from ..errors import SpinesegError
 from .atomic import atomic_path
-from .images import DICOM_EXT, IMAGE_EXT, file_ext
+from .images import DICOM_EXT, IMAGE_EXT, file_ext, file_slices_in_display
 
 # the SEG's series gets its own number, far from the scanner's usual 1-99
 SEG_SERIES_NUMBER = 9901
@@ -81,10 +81,7 @@ def file_to_display_slices(image) -> np.ndarray:
 
 def _slices_are_instances(image) -> bool:
     """Whether the display slices run along the file's slice axis (the DICOM instances), as for an axial series."""
-    from nibabel import orientations as nio
-
-    to_display = nio.ornt_transform(image.ornt, nio.axcodes2ornt(("L", "P", "S")))
-    return len(image.file_shape) < 3 or int(to_display[2, 0]) == 2
+    return len(image.file_shape) < 3 or file_slices_in_display(image)[0] == 2
 
 
 def dicom_sources(image) -> list[dict] | None:

@@ -307,14 +307,21 @@ def _dicom_loaders(path: Path) -> list:
     return [functools.partial(grid, load) for load in plan_dicom_stacks(path)]
 
 
+def file_slices_in_display(img: Image) -> tuple[int, int]:
+    """The display axis the file's slice axis (its last voxel axis: the DICOM instances) becomes, and +1 / -1 as
+    the display runs along or against it; the axis is 2 (the display slices) for an axially stored series."""
+    axis, direction = nio.ornt_transform(img.ornt, _DISPLAY_ORNT)[2]
+    return int(axis), int(direction)
+
+
 def _display_sources(sources: list | None, img: Image) -> list | None:
     """Per-slice DICOM sources in display slice order; None when display slices are not the DICOM slices."""
     if sources is None:
         return None
-    slice_axis = nio.ornt_transform(img.ornt, _DISPLAY_ORNT)[2]
-    if int(slice_axis[0]) != 2:
+    axis, direction = file_slices_in_display(img)
+    if axis != 2:
         return None  # a sagittal or coronal stack: each display slice cuts across every DICOM image
-    return list(sources) if slice_axis[1] > 0 else list(sources)[::-1]
+    return list(sources) if direction > 0 else list(sources)[::-1]
 
 
 def _image(grid, source: Path, kind: str, stack: int = 0, stack_count: int = 1) -> Image:
