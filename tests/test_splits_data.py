@@ -119,6 +119,16 @@ def test_training_without_a_patient_map_is_refused_unless_each_case_is_a_patient
     assert "patient map" in capsys.readouterr().err
 
 
+def test_training_on_a_missing_data_folder_says_so(tmp_path, capsys):
+    from spineseg.cli import main
+
+    missing = tmp_path / "nodata"
+    assert main(["train", "--data", str(missing), "--model", "unet", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"spineseg: error: {missing}: data set folder does not exist") and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_splits_file_that_leaks_a_patient_is_refused_naming_it(small_phantom, tmp_path, capsys):
     import json
 

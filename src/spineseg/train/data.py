@@ -32,11 +32,12 @@ def dataset_fingerprint(cases: list[Case]) -> str:
 
 def training_cases(data: str | Path, case_is_patient: bool) -> list[Case]:
     """The labelled training cases of a data set; refuse one that cannot say which slices share a patient."""
+    cases = load_dataset(data)  # first: a missing or malformed folder is said as such, not as a missing patient map
     if not has_patient_map(data) and not case_is_patient:
         raise SpinesegError("the data set has no patient map (cases.csv with columns case,patient), so slices of one "
                             "patient could end up in both training and test; add cases.csv, or pass "
                             "--case-is-patient if every case is its own patient", data)
-    return [c for c in load_dataset(data) if c.subset == "train"]
+    return [c for c in cases if c.subset == "train"]
 
 
 def resolve_splits(cases: list[Case], scheme: str, run_splits: Path, splits_file: str | Path | None,
