@@ -32,6 +32,8 @@ CANDIDATES = {  # run -> what it is (details: README.md, "Runs", and rules/)
     "LB-A11": "A11 with the lopsided-body post-processing step (reverted: it failed LB.rule on E2)",
     "KC": "K's recipe again, from A11",
     "WA": "shipped: average of E2 and A11 (WiSE-FT at 0.5)",
+    "A13": "K's recipe with the canal's corrections in the change term (KV), three seeds averaged",
+    "WV": "average of E2 and A13 (WA's construction with KV's seeds)",
 }
 COLUMNS = ("run", "what", "raw_of_197", "post_of_197", "both_laminae_post", "never_seen_raw_of_98",
            "heldout_discs_body_water_fat_inphase_of_8", "vertebral_dixon_slices_with_body_of_102",

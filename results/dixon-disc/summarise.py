@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).parent
-RUNS = ("P2", "P3", "D", "D2", "E", "E2", "E3", "E3s1", "H", "Hs1", "S3", "M", "W", "T", "C", "C2p", "E3p", "E3pf", "C2w", "C3", "A1", "A2", "A3", "C4", "R3", "R2w", "A4", "A5", "C3s1", "G", "C2g", "A6", "A7", "B", "N", "Ns1", "A8", "A9", "L", "K", "Ks1", "A10", "Ks2", "A11", "KF", "LB-E2old", "LB-E2", "LB-A11", "KC", "WA")
+RUNS = ("P2", "P3", "D", "D2", "E", "E2", "E3", "E3s1", "H", "Hs1", "S3", "M", "W", "T", "C", "C2p", "E3p", "E3pf", "C2w", "C3", "A1", "A2", "A3", "C4", "R3", "R2w", "A4", "A5", "C3s1", "G", "C2g", "A6", "A7", "B", "N", "Ns1", "A8", "A9", "L", "K", "Ks1", "A10", "Ks2", "A11", "KF", "LB-E2old", "LB-E2", "LB-A11", "KC", "WA", "A13", "WV")
 SETS = ("clinical", "TUM01_water", "TUM02_water", "TUM01_fat", "TUM02_fat", "TUM01_inphase", "TUM02_inphase")
 
 
