@@ -11,7 +11,7 @@ from spineseg.cli import main
 from spineseg.data.phantom import phantom_slice
 from spineseg.anatomy.order import MIDLINE_MM, check_slice, midline_distance
 from spineseg.models.checkpoint import resolve_checkpoint
-from spineseg.eval.sanity import check_image, display_to_world, montage, plane_to_world, run_sanity
+from spineseg.eval.sanity import check_image, display_to_world, failure_kinds, montage, plane_to_world, run_sanity
 from spineseg.io.images import _LPS_TO_RAS, Image, read_image, read_label, save_nifti, save_png, slice_affine
 
 # the slices these tests were written for (the same seeds under the older position mix), each with a body
@@ -146,6 +146,13 @@ def test_split_body_or_canal_fails_on_raw_and_is_reported_beside_post():
     assert row["order_post"] and row["regions_vertebral_body_post"] == 1
 
 
+def test_failures_are_counted_by_kind_once_per_slice():
+    reasons = ["canal in 2 regions; body in 3 regions", "body in 2 regions", "canal missing; lamina missing",
+               "body not anterior of the canal"]
+    assert failure_kinds(reasons) == {"body in pieces": 2, "body not anterior of the canal": 1, "canal in pieces": 1,
+                                      "canal missing": 1, "lamina missing": 1}
+
+
 def test_disc_level_slice_without_body_passes_on_canal_and_laminae():
     s, plane = _truth(5, 2)  # a disc-level phantom slice
     assert s.meta["position"] == "disc"
@@ -250,6 +257,7 @@ def test_report_keeps_raw_and_post_apart_per_slice_input_and_overall(tmp_path):
     summary = json.loads((tmp_path / "out" / "sanity.json").read_text())
     assert summary["inputs"]["vol"]["raw"]["order_pass"] == 0 and summary["inputs"]["vol"]["post"]["order_pass"] == 2
     assert summary["overall"]["post"]["both_laminae_fraction"] == 1.0
+    assert summary["overall"]["raw"]["failures"] == {"body in pieces": 2} and summary["overall"]["post"]["failures"] == {}
     header = (tmp_path / "out" / "sanity.csv").read_text().splitlines()[0].split(",")
     assert {"order_raw", "order_post", "regions_vertebral_body_raw", "regions_vertebral_body_post",
             "area_warning_raw", "both_laminae_post"} <= set(header)

@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,8 @@ def check_image(img, raw: np.ndarray, post: np.ndarray, indices=None) -> list[di
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Counts per stage: slices passing the order rule, both laminae among them, area warnings."""
+    """Counts per stage: slices passing the order rule, both laminae among them, area warnings, lopsided bodies and
+    the failing slices by kind of reason (:func:`failure_kinds`)."""
     out = {"slices": len(rows)}
     for stage in STAGES:
         passing = [r for r in rows if r[f"order_{stage}"]]
@@ -73,8 +75,19 @@ def summarise(rows: list[dict]) -> dict:
                       "both_laminae_fraction": both / len(passing) if passing else 0.0,
                       "passing_without_body": sum(not r[f"body_found_{stage}"] for r in passing),
                       "area_warnings": sum(bool(r[f"area_warning_{stage}"]) for r in rows),
-                      "lopsided_bodies": sum(_lopsided(r, stage) for r in rows)}
+                      "lopsided_bodies": sum(_lopsided(r, stage) for r in rows),
+                      "failures": failure_kinds(r[f"reason_{stage}"] for r in rows if not r[f"order_{stage}"])}
     return out
+
+
+def failure_kinds(reasons) -> dict[str, int]:
+    """How many failing slices give each kind of reason (a slice may give several): "body in 3 regions" counts as
+    "body in pieces", so a model's split structures are told from its missing or misplaced ones."""
+    counts: dict[str, int] = {}
+    for text in reasons:
+        for reason in {re.sub(r" in \d+ regions$", " in pieces", part) for part in text.split("; ") if part}:
+            counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _lopsided(row: dict, stage: str) -> bool:
