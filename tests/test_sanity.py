@@ -146,7 +146,7 @@ def test_split_body_or_canal_fails_on_raw_and_is_reported_beside_post():
     assert row["order_post"] and row["regions_vertebral_body_post"] == 1
 
 
-def test_failures_are_counted_by_kind_once_per_slice():
+def test_failures_are_counted_by_kind():
     reasons = ["canal in 2 regions; body in 3 regions", "body in 2 regions", "canal missing; lamina missing",
                "body not anterior of the canal"]
     assert failure_kinds(reasons) == {"body in pieces": 2, "body not anterior of the canal": 1, "canal in pieces": 1,

@@ -19,6 +19,8 @@ a slice in the display convention (rows anterior -> posterior, columns patient r
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -54,6 +56,12 @@ def display_plane(spacing) -> np.ndarray:
 def _world_points(mask: np.ndarray, plane: np.ndarray) -> np.ndarray:
     rc = np.argwhere(mask)
     return np.c_[rc, np.ones(len(rc))] @ plane.T
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of one order-rule reason of :func:`check_slice`: "body in 3 regions" is "body in pieces", so a split
+    structure is told apart from a missing or misplaced one whatever the count; other reasons are their own kind."""
+    return re.sub(r" in \d+ regions$", " in pieces", reason)
 
 
 def check_slice(labels: np.ndarray, plane: np.ndarray) -> dict:

@@ -13,13 +13,12 @@ import csv
 import dataclasses
 import io
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
 from .. import STRUCTURES
-from ..anatomy.order import DISPLAY_TO_GRID, LOPSIDED_BODY, SHORT, check_slice, midline_distance
+from ..anatomy.order import DISPLAY_TO_GRID, LOPSIDED_BODY, check_slice, midline_distance, reason_kind
 from ..anatomy.postprocess import MIN_BODY_MM2
 from ..errors import SpinesegError
 from ..io.atomic import atomic_path, atomic_write_text
@@ -81,11 +80,11 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def failure_kinds(reasons) -> dict[str, int]:
-    """How many failing slices give each kind of reason (a slice may give several): "body in 3 regions" counts as
-    "body in pieces", so a model's split structures are told from its missing or misplaced ones."""
+    """How many failing slices give each kind of reason (:func:`~spineseg.anatomy.order.reason_kind`; a slice may
+    give several), from the ``"; "``-joined ``reason`` of each failing slice."""
     counts: dict[str, int] = {}
     for text in reasons:
-        for reason in {re.sub(r" in \d+ regions$", " in pieces", part) for part in text.split("; ") if part}:
+        for reason in (reason_kind(part) for part in text.split("; ") if part):
             counts[reason] = counts.get(reason, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
